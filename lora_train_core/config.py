@@ -1,0 +1,222 @@
+"""The run configuration: TOML sections mapped onto the components' frozen configs.
+
+Each section is one component's config dataclass; a key it does not know is an
+error that names the key and the closest valid one, and values are checked for
+type here and for range by the dataclass itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .backends.diffusers_backend import ModelConfig
+from .buckets import BucketConfig
+from .captions import CaptionConfig
+from .dataset import DatasetConfig
+from .ema import EMAConfig
+from .errors import ConfigError, check_choice
+from .export import SAVE_DTYPES
+from .latent_cache import CacheConfig
+from .loss import LossConfig
+from .network import NetworkConfig
+from .noise import NoiseConfig
+from .optim import OptimizerConfig
+from .param_groups import BlockWeights
+from .train import TrainConfig, TrainingRecipe
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    """[output] section: where the LoRA goes."""
+
+    output_dir: Path = Path("output")
+    output_name: str = "lora"
+    save_precision: str = "fp16"
+    overwrite: bool = False
+
+    def __post_init__(self):
+        object.__setattr__(self, "output_dir", Path(self.output_dir))
+        check_choice("output.save_precision", self.save_precision, SAVE_DTYPES)
+        name = self.output_name
+        if not name or any(c in name for c in "/\\\0") or name.startswith("."):
+            raise ConfigError(
+                f"output.output_name: {name!r} must be a plain file name (no folders, no leading dot)"
+            )
+
+    @property
+    def path(self) -> Path:
+        return self.output_dir / f"{self.output_name}.safetensors"
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """A whole training run, as read from a TOML file."""
+
+    model: ModelConfig | None
+    dataset: DatasetConfig
+    buckets: BucketConfig = field(default_factory=BucketConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    recipe: TrainingRecipe = field(default_factory=lambda: TrainingRecipe(TrainConfig()))
+
+
+# section name -> (config class, where it lives in RunConfig)
+SECTIONS: dict[str, type] = {
+    "model": ModelConfig,
+    "dataset": DatasetConfig,
+    "buckets": BucketConfig,
+    "cache": CacheConfig,
+    "output": OutputConfig,
+    "train": TrainConfig,
+    "network": NetworkConfig,
+    "optimizer": OptimizerConfig,
+    "noise": NoiseConfig,
+    "loss": LossConfig,
+    "captions": CaptionConfig,
+    "ema": EMAConfig,
+    "blocks": BlockWeights,
+}
+REQUIRED = ("model", "dataset")
+
+
+def load_run_config(path: Path) -> RunConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid TOML ({exc})") from exc
+    return run_config_from_dict(raw, base_dir=path.parent)
+
+
+def run_config_from_dict(raw: dict[str, Any], base_dir: Path = Path(".")) -> RunConfig:
+    """Build a RunConfig; relative paths are resolved against `base_dir` (the config file's folder)."""
+    for section in raw:
+        if section not in SECTIONS:
+            raise ConfigError(f"unknown section [{section}]{_closest(section, SECTIONS)}")
+        if not isinstance(raw[section], dict):
+            raise ConfigError(f"[{section}] must be a table of keys, got {raw[section]!r}")
+    for section in REQUIRED:
+        if section not in raw:
+            raise ConfigError(f"[{section}] is missing; it needs at least `path = ...`")
+    built = {name: build_section(name, raw.get(name, {}), base_dir) for name in SECTIONS if name in raw}
+    recipe = TrainingRecipe(
+        train=built.get("train", TrainConfig()),
+        **{
+            k: built[k]
+            for k in ("network", "optimizer", "noise", "loss", "captions", "ema", "blocks")
+            if k in built
+        },
+    )
+    return RunConfig(
+        model=built["model"],
+        dataset=built["dataset"],
+        recipe=recipe,
+        **{k: built[k] for k in ("buckets", "cache", "output") if k in built},
+    )
+
+
+def build_section(section: str, values: dict[str, Any], base_dir: Path = Path(".")):
+    cls = SECTIONS[section]
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        if key not in names:
+            raise ConfigError(f"{section}.{key}: unknown key{_closest(key, names)}")
+        kwargs[key] = _coerce(f"{section}.{key}", hints[key], value, base_dir)
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:
+        raise ConfigError(f"[{section}]: {exc}") from exc
+
+
+def _closest(name: str, options) -> str:
+    match = difflib.get_close_matches(name, list(options), n=1, cutoff=0.5)
+    return f"; did you mean {match[0]!r}?" if match else f"; valid: {', '.join(options)}"
+
+
+def _coerce(field_name: str, hint, value: Any, base_dir: Path) -> Any:
+    """Check a TOML value against the field's annotation; lists become tuples, paths resolve."""
+    options = _union_members(hint)
+    if value is None and type(None) in options:
+        return None
+    for option in options:
+        converted = _try_convert(option, value, base_dir)
+        if converted is not _NO:
+            return converted
+    expected = " or ".join(_type_name(o) for o in options if o is not type(None))
+    raise ConfigError(f"{field_name}: {value!r} is not {expected}")
+
+
+_NO = object()
+
+
+def _union_members(hint) -> tuple:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return typing.get_args(hint)
+    return (hint,)
+
+
+def _try_convert(option, value: Any, base_dir: Path) -> Any:
+    origin = typing.get_origin(option) or option
+    if option is bool:
+        return value if isinstance(value, bool) else _NO
+    if option is int:
+        return value if isinstance(value, int) and not isinstance(value, bool) else _NO
+    if option is float:
+        return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else _NO
+    if option is str:
+        return value if isinstance(value, str) else _NO
+    if option is Path:
+        return (base_dir / value) if isinstance(value, str) else _NO
+    if origin is tuple and isinstance(value, list):
+        args = typing.get_args(option)
+        item = args[0] if args else Any
+        items = [_try_convert(item, v, base_dir) if item is not Any else v for v in value]
+        return _NO if any(i is _NO for i in items) else tuple(items)
+    if origin is dict and isinstance(value, dict):
+        return value
+    return _NO
+
+
+def _type_name(option) -> str:
+    origin = typing.get_origin(option)
+    if origin is tuple:
+        return "a list"
+    return {
+        bool: "true/false",
+        int: "a whole number",
+        float: "a number",
+        str: "a string",
+        Path: "a path",
+    }.get(option, getattr(option, "__name__", str(option)))
+
+
+def describe_keys() -> str:
+    """Every section and key with its default: the reference `train --list-keys` prints."""
+    lines = []
+    for section, cls in SECTIONS.items():
+        lines.append(f"[{section}]")
+        for f in dataclasses.fields(cls):
+            if f.default is not dataclasses.MISSING:
+                default = repr(f.default)
+            elif f.default_factory is not dataclasses.MISSING:
+                default = repr(f.default_factory())
+            else:
+                default = "(required)"
+            lines.append(f"  {f.name} = {default}")
+    return "\n".join(lines)

@@ -1,0 +1,122 @@
+"""The embedded demo: a tiny SD-shaped model, a synthetic dataset, ~30 steps.
+
+Needs no downloads and no weights: the models are built from configs with
+seeded random weights (tiny_models.py) and the images are drawn on the spot.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+from .buckets import BucketConfig
+from .config import OutputConfig, RunConfig, load_run_config
+from .dataset import DatasetConfig
+from .errors import ConfigError
+from .latent_cache import CacheConfig
+from .network import NetworkConfig
+from .optim import OptimizerConfig
+from .progress import ProgressBar
+from .run import run_training
+from .tiny_models import tiny_backend
+from .train import TrainConfig, TrainingRecipe
+
+COLORS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220), "yellow": (230, 210, 40)}
+SIZES = [(128, 128), (160, 128), (128, 160), (192, 96), (96, 192), (256, 64)]
+
+
+def make_synthetic_dataset(folder: Path, count: int = 12, seed: int = 0) -> Path:
+    """`count` images of coloured shapes in several aspect ratios, each with a caption file.
+
+    They go into `folder/2_shape` (kohya's N_name: 2 repeats, class token "shape").
+    """
+    rng = random.Random(seed)
+    subset = folder / "2_shape"
+    subset.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        w, h = SIZES[i % len(SIZES)]
+        fg_name, bg_name = rng.sample(sorted(COLORS), 2)
+        shape = rng.choice(["circle", "square"])
+        image = Image.new("RGB", (w, h), COLORS[bg_name])
+        draw = ImageDraw.Draw(image)
+        r = min(w, h) // 3
+        cx, cy = rng.randint(r, w - r), rng.randint(r, h - r)
+        box = (cx - r, cy - r, cx + r, cy + r)
+        (draw.ellipse if shape == "circle" else draw.rectangle)(box, fill=COLORS[fg_name])
+        image.save(subset / f"{i:02d}.png")
+        caption = f"a {fg_name} {shape}, {bg_name} background, flat colors"
+        (subset / f"{i:02d}.txt").write_text(caption, encoding="utf-8")
+    return folder
+
+
+def demo_config(family: str, out_dir: Path, steps: int) -> RunConfig:
+    return RunConfig(
+        model=None,
+        dataset=DatasetConfig(path=out_dir / "dataset"),
+        buckets=BucketConfig(
+            resolution=(128, 128),
+            min_bucket_reso=64,
+            max_bucket_reso=256,
+            bucket_reso_steps=64 if family == "sd15" else 32,
+        ),
+        cache=CacheConfig(mode="ram"),
+        output=OutputConfig(output_dir=out_dir, output_name=f"demo_{family}_lora", overwrite=True),
+        recipe=TrainingRecipe(
+            train=TrainConfig(max_train_steps=steps, train_batch_size=4, seed=42),
+            network=NetworkConfig(network_dim=8, network_alpha=8.0),
+            optimizer=OptimizerConfig(optimizer_type="AdamW", learning_rate=1e-3),
+        ),
+    )
+
+
+def run_demo(
+    family: str = "sd15", out_dir: Path = Path("demo_out"), steps: int = 30, override: Path | None = None
+) -> Path:
+    """Build the tiny model and dataset, train, save; print first/last loss and the file."""
+    out_dir = Path(out_dir)
+    make_synthetic_dataset(out_dir / "dataset")
+    cfg = demo_config(family, out_dir, steps)
+    if override is not None:
+        cfg = _apply_override(cfg, override)
+    backend = tiny_backend(family, seed=0)
+    bar = ProgressBar()
+    try:
+        result = run_training(cfg, backend, on_step=bar)
+    finally:
+        bar.close()
+    losses = result.trained.losses
+    k = max(1, len(losses) // 5)
+    first, last = sum(losses[:k]) / k, sum(losses[-k:]) / k
+    print(f"first loss {losses[0]:.4f} (mean of first {k}: {first:.4f})")
+    print(f"last loss  {losses[-1]:.4f} (mean of last {k}: {last:.4f})")
+    print(f"saved {result.path}")
+    return result.path
+
+
+def _apply_override(cfg: RunConfig, path: Path) -> RunConfig:
+    """Sections from a TOML file replace the demo's (the model and dataset stay the demo's)."""
+    import dataclasses
+
+    extra = load_run_config_sections(path)
+    recipe_fields = {f.name for f in dataclasses.fields(TrainingRecipe)}
+    recipe = dataclasses.replace(cfg.recipe, **{k: v for k, v in extra.items() if k in recipe_fields})
+    rest = {k: v for k, v in extra.items() if k in ("buckets", "cache", "output")}
+    return dataclasses.replace(cfg, recipe=recipe, **rest)
+
+
+def load_run_config_sections(path: Path) -> dict:
+    from .config import SECTIONS, build_section, tomllib
+
+    raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    for section in ("model", "dataset"):
+        if section in raw:
+            raise ConfigError(f"{path}: [{section}] cannot be overridden in the demo")
+    unknown = [s for s in raw if s not in SECTIONS]
+    if unknown:
+        raise ConfigError(f"{path}: unknown section [{unknown[0]}]")
+    return {name: build_section(name, values, Path(path).parent) for name, values in raw.items()}
+
+
+__all__ = ["load_run_config", "make_synthetic_dataset", "run_demo"]

@@ -1,0 +1,99 @@
+"""One training run from a RunConfig: the path shared by the CLI and the demo.
+
+load dataset → buckets → latents → train → save. A run that stops early
+(cancel, error) still saves what it trained, as `<name>-partial.safetensors`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from .backends.base import Backend
+from .buckets import bucket_report, plan_buckets
+from .config import OutputConfig, RunConfig
+from .dataset import Dataset, load_dataset
+from .export import next_free_path, save_dtype, save_lora
+from .latent_cache import build_latents
+from .metadata import training_metadata
+from .train import StepCallback, TrainedLora, TrainingStopped, train
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RunResult:
+    path: Path
+    trained: TrainedLora
+
+
+def run_training(
+    cfg: RunConfig,
+    backend: Backend,
+    on_step: StepCallback | None = None,
+    say: Callable[[str], None] = print,
+) -> RunResult:
+    """Train per `cfg` on `backend` and save the LoRA; returns where it went."""
+    if cfg.output.path.exists() and not cfg.output.overwrite:
+        from .errors import ConfigError
+
+        raise ConfigError(
+            f"output: {cfg.output.path} already exists; choose another output.output_name "
+            "or set output.overwrite = true"
+        )
+    dataset = load_dataset(cfg.dataset)
+    plan = plan_buckets(dataset.images, cfg.buckets)
+    say(bucket_report(plan))
+    t0 = time.time()
+    latents = build_latents(dataset, plan, backend, cfg.cache)
+    say(f"latents ready ({cfg.cache.mode}) in {time.time() - t0:.1f}s")
+    try:
+        trained = train(backend, dataset, plan, latents, cfg.recipe, on_step)
+    except TrainingStopped as stop:
+        if stop.partial.steps > 0:
+            partial = next_free_path(cfg.output.output_dir / f"{cfg.output.output_name}-partial.safetensors")
+            _save(partial, stop.partial, cfg, backend, dataset, plan, overwrite=False)
+            say(f"training stopped at step {stop.partial.steps}; partial LoRA saved to {partial}")
+        raise
+    path = _save(cfg.output.path, trained, cfg, backend, dataset, plan, overwrite=cfg.output.overwrite)
+    return RunResult(path, trained)
+
+
+def _save(
+    path: Path,
+    trained: TrainedLora,
+    cfg: RunConfig,
+    backend: Backend,
+    dataset: Dataset,
+    plan,
+    overwrite: bool,
+) -> Path:
+    metadata = training_metadata(
+        recipe=cfg.recipe,
+        family=backend.family,
+        base_model_version=backend.base_model_version,
+        modelspec_architecture=backend.modelspec_architecture,
+        prediction_type=backend.prediction_type,
+        dataset=dataset,
+        plan=plan,
+        output_name=cfg.output.output_name,
+        model_name=cfg.model.path.name if cfg.model else "in-memory",
+        steps=trained.steps,
+        epochs=trained.epochs,
+        total_steps=trained.total_steps,
+        started_at=trained.started_at,
+        finished_at=trained.finished_at,
+    )
+    return save_lora(
+        path,
+        trained.network.kohya_state_dict(),
+        metadata,
+        save_dtype(cfg.output.save_precision),
+        overwrite=overwrite,
+    )
+
+
+__all__ = ["OutputConfig", "RunResult", "run_training"]

@@ -1,0 +1,57 @@
+"""Saving: kohya keys and metadata, exact round trip, kohya's hashes, atomic and no silent overwrite."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lora_train_core.errors import ConfigError
+from lora_train_core.export import next_free_path, read_metadata, save_lora
+
+
+def _tensors():
+    g = torch.Generator().manual_seed(0)
+    return {
+        "lora_unet_a.lora_down.weight": torch.randn(4, 8, generator=g),
+        "lora_unet_a.lora_up.weight": torch.randn(8, 4, generator=g),
+        "lora_unet_a.alpha": torch.tensor(4.0),
+    }
+
+
+def test_round_trip_in_fp32_is_exact(tmp_path):
+    path = save_lora(tmp_path / "a.safetensors", _tensors(), {"ss_network_dim": "4"}, torch.float32)
+    loaded = load_file(path)
+    for key, value in _tensors().items():
+        assert torch.equal(loaded[key], value), key
+
+
+def test_sshs_model_hash_is_sha256_of_the_tensor_bytes(tmp_path):
+    path = save_lora(tmp_path / "a.safetensors", _tensors(), {"ss_network_dim": "4"}, torch.float16)
+    data = path.read_bytes()
+    (header_len,) = struct.unpack("<Q", data[:8])
+    meta = json.loads(data[8 : 8 + header_len])["__metadata__"]
+    assert meta["sshs_model_hash"] == hashlib.sha256(data[8 + header_len :]).hexdigest()
+    assert len(meta["sshs_legacy_hash"]) == 8
+    assert meta["ss_network_dim"] == "4"
+
+
+def test_existing_file_is_not_overwritten_unless_asked(tmp_path):
+    path = save_lora(tmp_path / "a.safetensors", _tensors(), {}, torch.float32)
+    before = path.read_bytes()
+    with pytest.raises(ConfigError, match="already exists"):
+        save_lora(path, _tensors(), {"x": "1"}, torch.float32)
+    assert path.read_bytes() == before
+    save_lora(path, _tensors(), {"x": "1"}, torch.float32, overwrite=True)
+    assert read_metadata(path)["x"] == "1"
+    assert [p.name for p in tmp_path.iterdir()] == ["a.safetensors"]  # no temp files left
+
+
+def test_next_free_path_counts_up(tmp_path):
+    (tmp_path / "a.safetensors").write_bytes(b"x")
+    (tmp_path / "a_1.safetensors").write_bytes(b"x")
+    assert next_free_path(tmp_path / "a.safetensors").name == "a_2.safetensors"
