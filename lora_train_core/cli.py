@@ -1,4 +1,4 @@
-"""`python -m lora_train_core train|demo ...`: the standalone front door.
+"""`python -m lora_train_core train|demo|merge ...`: the standalone front door.
 
 Errors the user can fix (LoraTrainError) print as one message without a
 traceback and exit with status 2.
@@ -44,12 +44,21 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--out", type=Path, default=Path("demo_out"))
     d.add_argument("--steps", type=int, default=30)
     d.add_argument(
-        "--config",
-        type=Path,
+        "--recipe",
         default=None,
-        help="optional TOML whose sections override the demo's (e.g. [optimizer], [noise])",
+        help="a built-in recipe (balanced, recommended) or a TOML file whose sections "
+        "override the demo's (e.g. [optimizer], [noise])",
     )
     d.set_defaults(func=_demo)
+    m = sub.add_parser("merge", help="merge LoRAs into one LoRA file, or into a diffusers model folder")
+    m.add_argument("loras", nargs="+", metavar="FILE:WEIGHT", help="e.g. a.safetensors:0.7 b.safetensors:0.3")
+    m.add_argument("--out", type=Path, required=True, help="merged .safetensors (a folder with --into-model)")
+    m.add_argument("--mode", choices=("concat", "svd"), default=None, help="concat (exact, default) or svd")
+    m.add_argument("--rank", type=int, default=None, help="rank of an svd merge")
+    m.add_argument("--save-precision", default=None, help="fp16 (default), fp32 or bf16")
+    m.add_argument("--into-model", type=Path, default=None, help="a diffusers folder to merge the LoRAs into")
+    m.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    m.set_defaults(func=_merge)
     return parser
 
 
@@ -91,5 +100,25 @@ def _train(args) -> int:
 def _demo(args) -> int:
     from .demo import run_demo
 
-    run_demo(family=args.family, out_dir=args.out, steps=args.steps, override=args.config)
+    run_demo(family=args.family, out_dir=args.out, steps=args.steps, recipe=args.recipe)
+    return 0
+
+
+def _merge(args) -> int:
+    from .merge import merge_into_model_folder, merge_lora_files, parse_lora_spec
+
+    specs = [parse_lora_spec(spec) for spec in args.loras]
+    if args.into_model is None:
+        mode, precision = args.mode or "concat", args.save_precision or "fp16"
+        path, result = merge_lora_files(specs, args.out, mode, args.rank, precision, args.overwrite)
+        print(result.energy_summary())
+        print(f"saved {path}")
+        return 0
+    given = [
+        f"--{n.replace('_', '-')}" for n in ("mode", "rank", "save_precision") if getattr(args, n) is not None
+    ]
+    if given:
+        raise LoraTrainError(f"merge: {', '.join(given)} apply to merging into a file, not --into-model")
+    names = merge_into_model_folder(specs, args.into_model, args.out, args.overwrite)
+    print(f"merged {len(names)} LoRA module(s) into the model; saved {args.out}")
     return 0

@@ -93,22 +93,30 @@ REQUIRED = ("model", "dataset")
 
 def load_run_config(path: Path) -> RunConfig:
     path = Path(path)
+    return run_config_from_dict(_read_toml(path), base_dir=path.parent)
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")
     try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        return tomllib.loads(path.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: not valid TOML ({exc})") from exc
-    return run_config_from_dict(raw, base_dir=path.parent)
 
 
-def run_config_from_dict(raw: dict[str, Any], base_dir: Path = Path(".")) -> RunConfig:
-    """Build a RunConfig; relative paths are resolved against `base_dir` (the config file's folder)."""
+def _checked(raw: dict[str, Any]) -> dict[str, Any]:
     for section in raw:
         if section not in SECTIONS:
             raise ConfigError(f"unknown section [{section}]{_closest(section, SECTIONS)}")
         if not isinstance(raw[section], dict):
             raise ConfigError(f"[{section}] must be a table of keys, got {raw[section]!r}")
+    return raw
+
+
+def run_config_from_dict(raw: dict[str, Any], base_dir: Path = Path(".")) -> RunConfig:
+    """Build a RunConfig; relative paths are resolved against `base_dir` (the config file's folder)."""
+    _checked(raw)
     for section in REQUIRED:
         if section not in raw:
             raise ConfigError(f"[{section}] is missing; it needs at least `path = ...`")
@@ -126,6 +134,37 @@ def run_config_from_dict(raw: dict[str, Any], base_dir: Path = Path(".")) -> Run
         dataset=built["dataset"],
         recipe=recipe,
         **{k: built[k] for k in ("buckets", "cache", "output") if k in built},
+    )
+
+
+RECIPE_DIR = Path(__file__).parent / "recipes"
+RECIPE_SECTIONS = ("train", "network", "optimizer", "noise", "loss", "captions", "ema", "blocks")
+
+
+def recipe_path(name_or_path: str | Path) -> Path:
+    """A built-in recipe's file (`recipes/<name>.toml`), or the given TOML path."""
+    builtin = RECIPE_DIR / f"{name_or_path}.toml"
+    if builtin.is_file():
+        return builtin
+    path = Path(name_or_path)
+    if not path.is_file():
+        names = ", ".join(sorted(p.stem for p in RECIPE_DIR.glob("*.toml")))
+        raise ConfigError(
+            f"recipe {str(name_or_path)!r} is neither a built-in recipe ({names}) nor a TOML file"
+        )
+    return path
+
+
+def with_overrides(cfg: RunConfig, path: Path) -> RunConfig:
+    """`cfg` with the sections of a TOML file replacing its own (not [model] or [dataset])."""
+    raw = _read_toml(path)
+    for section in raw:
+        if section in REQUIRED:
+            raise ConfigError(f"{path}: [{section}] cannot be overridden here")
+    built = {name: build_section(name, values, path.parent) for name, values in _checked(raw).items()}
+    recipe = dataclasses.replace(cfg.recipe, **{k: v for k, v in built.items() if k in RECIPE_SECTIONS})
+    return dataclasses.replace(
+        cfg, recipe=recipe, **{k: v for k, v in built.items() if k not in RECIPE_SECTIONS}
     )
 
 

@@ -12,9 +12,8 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 from .buckets import BucketConfig
-from .config import OutputConfig, RunConfig, load_run_config
+from .config import OutputConfig, RunConfig, recipe_path, with_overrides
 from .dataset import DatasetConfig
-from .errors import ConfigError
 from .latent_cache import CacheConfig
 from .network import NetworkConfig
 from .optim import OptimizerConfig
@@ -72,14 +71,15 @@ def demo_config(family: str, out_dir: Path, steps: int) -> RunConfig:
 
 
 def run_demo(
-    family: str = "sd15", out_dir: Path = Path("demo_out"), steps: int = 30, override: Path | None = None
+    family: str = "sd15", out_dir: Path = Path("demo_out"), steps: int = 30, recipe: str | None = None
 ) -> Path:
     """Build the tiny model and dataset, train, save; print first/last loss and the file."""
     out_dir = Path(out_dir)
     make_synthetic_dataset(out_dir / "dataset")
     cfg = demo_config(family, out_dir, steps)
-    if override is not None:
-        cfg = _apply_override(cfg, override)
+    if recipe is not None:
+        cfg = with_overrides(cfg, recipe_path(recipe))
+        print(f"recipe: {recipe_path(recipe)}")
     backend = tiny_backend(family, seed=0)
     bar = ProgressBar()
     try:
@@ -93,30 +93,3 @@ def run_demo(
     print(f"last loss  {losses[-1]:.4f} (mean of last {k}: {last:.4f})")
     print(f"saved {result.path}")
     return result.path
-
-
-def _apply_override(cfg: RunConfig, path: Path) -> RunConfig:
-    """Sections from a TOML file replace the demo's (the model and dataset stay the demo's)."""
-    import dataclasses
-
-    extra = load_run_config_sections(path)
-    recipe_fields = {f.name for f in dataclasses.fields(TrainingRecipe)}
-    recipe = dataclasses.replace(cfg.recipe, **{k: v for k, v in extra.items() if k in recipe_fields})
-    rest = {k: v for k, v in extra.items() if k in ("buckets", "cache", "output")}
-    return dataclasses.replace(cfg, recipe=recipe, **rest)
-
-
-def load_run_config_sections(path: Path) -> dict:
-    from .config import SECTIONS, build_section, tomllib
-
-    raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
-    for section in ("model", "dataset"):
-        if section in raw:
-            raise ConfigError(f"{path}: [{section}] cannot be overridden in the demo")
-    unknown = [s for s in raw if s not in SECTIONS]
-    if unknown:
-        raise ConfigError(f"{path}: unknown section [{unknown[0]}]")
-    return {name: build_section(name, values, Path(path).parent) for name, values in raw.items()}
-
-
-__all__ = ["load_run_config", "make_synthetic_dataset", "run_demo"]

@@ -25,6 +25,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import partial
 
 from torch import nn
 
@@ -117,8 +118,7 @@ def unet_targets(unet: nn.Module, family: str, include_conv: bool) -> list[LoraT
     check_choice("family", family, FAMILIES)
     rename: Callable[[str], str] = str
     if family == "sdxl":
-        layout = UNetLayout.from_config(unet.config)
-        rename = lambda path: diffusers_to_sgm_unet_path(path, layout)  # noqa: E731
+        rename = partial(diffusers_to_sgm_unet_path, layout=UNetLayout.from_config(unet.config))
     return _container_targets(unet, _unet_containers(include_conv), UNET_PREFIX, "unet", rename)
 
 
@@ -132,7 +132,7 @@ def sgm_unet_targets(
 
     kohya name = prefix + rename(path) with "." → "_". For SDXL `rename` is the
     identity; for SD1.x/2.x kohya's names are diffusers-style, so pass
-    `lambda p: sgm_to_diffusers_unet_path(p, SD15_LAYOUT)`.
+    `partial(sgm_to_diffusers_unet_path, layout=SD15_LAYOUT)`.
     """
     return _container_targets(unet, _unet_containers(include_conv), prefix, "unet", rename)
 

@@ -133,6 +133,7 @@ class LoRAModule(nn.Module):
         self._org_module = (org_module,)
         self._org_forward = None
         self._installed_forward = None
+        self._had_instance_forward = False
 
     def set_alpha(self, alpha: float | Tensor | None) -> None:
         """kohya: scale = alpha / rank, where alpha 0 or None means alpha = rank."""

@@ -32,7 +32,7 @@ LR_SCHEDULERS = (
 )
 # kohya names we know but do not offer: say so rather than "unknown".
 _NOT_IMPLEMENTED = ("dadaptation", "dadapt", "pagedadamw", "sgdnesterov", "pagedlion8bit", "ademamix")
-# Set by us (params, lr) or by the device (foreach/fused), never by optimizer_args.
+# Constructor arguments that build_optimizer fills in itself (lr comes from learning_rate).
 _RESERVED_ARGS = {"self", "params", "lr"}
 
 
@@ -127,6 +127,10 @@ class OptimizerConfig:
 
 def canonical_optimizer_name(name: str) -> str:
     """The supported spelling of `name` (matched case-insensitively), else ConfigError listing them."""
+    if not isinstance(name, str):
+        raise ConfigError(
+            f"optimizer.optimizer_type: {name!r} is not a name; use one of {', '.join(OPTIMIZERS)}"
+        )
     for known in OPTIMIZERS:
         if name.lower() == known.lower():
             return known

@@ -195,9 +195,13 @@ def per_module_dims(
     """
     check_choice("family", family, FAMILIES)
     n_total = _BLOCK_COUNTS[family][2]
-    lists = {"block_dims": block_dims, "block_alphas": block_alphas}
-    lists |= {"conv_block_dims": conv_block_dims, "conv_block_alphas": conv_block_alphas}
-    lists["block_lr_weights"] = block_lr_weights
+    lists = {
+        "block_dims": block_dims,
+        "block_alphas": block_alphas,
+        "conv_block_dims": conv_block_dims,
+        "conv_block_alphas": conv_block_alphas,
+        "block_lr_weights": block_lr_weights,
+    }
     for field, values in lists.items():
         if values is not None and len(values) != n_total:
             raise ConfigError(

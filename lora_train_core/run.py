@@ -59,6 +59,10 @@ def run_training(
             say(f"training stopped at step {stop.partial.steps}; partial LoRA saved to {partial}")
         raise
     path = _save(cfg.output.path, trained, cfg, backend, dataset, plan, overwrite=cfg.output.overwrite)
+    if trained.ema is not None:
+        ema_path = path.with_name(f"{path.stem}_ema.safetensors")
+        _save(ema_path, trained, cfg, backend, dataset, plan, overwrite=cfg.output.overwrite, use_ema=True)
+        say(f"EMA weights saved to {ema_path}")
     return RunResult(path, trained)
 
 
@@ -70,6 +74,7 @@ def _save(
     dataset: Dataset,
     plan,
     overwrite: bool,
+    use_ema: bool = False,
 ) -> Path:
     metadata = training_metadata(
         recipe=cfg.recipe,
@@ -87,9 +92,10 @@ def _save(
         started_at=trained.started_at,
         finished_at=trained.finished_at,
     )
+    metadata["ss_ema_weights"] = str(use_ema)
     return save_lora(
         path,
-        trained.network.kohya_state_dict(),
+        trained.kohya_state_dict(use_ema),
         metadata,
         save_dtype(cfg.output.save_precision),
         overwrite=overwrite,

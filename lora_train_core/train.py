@@ -29,7 +29,7 @@ from .loss import LossConfig, check_loss_for_prediction_type, rescale_zero_termi
 from .network import LoRANetwork, NetworkConfig
 from .noise import NoiseConfig, add_noise, perturbed_noise, sample_noise, sample_timesteps, velocity_target
 from .optim import OptimizerConfig, build_optimizer
-from .param_groups import BlockWeights, build_param_groups
+from .param_groups import BlockWeights, build_param_groups, excluded_modules, set_text_encoder_trainable
 from .schedule import build_lr_scheduler
 
 MIXED_PRECISION = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -89,6 +89,16 @@ class TrainedLora:
     def completed(self) -> bool:
         return self.steps >= self.total_steps
 
+    def kohya_state_dict(self, use_ema: bool = False) -> dict[str, torch.Tensor]:
+        """The trained weights under kohya keys; with `use_ema`, the EMA-averaged ones."""
+        state = self.network.kohya_state_dict()
+        if not use_ema:
+            return state
+        if self.ema is None:
+            raise ConfigError("ema: this run kept no EMA weights; set ema.enabled = true before training")
+        state.update({k: v.detach().to("cpu").clone() for k, v in self.ema.shadow_state_dict().items()})
+        return state
+
 
 class TrainingStopped(Exception):
     """Training stopped early (cancel, error); `partial` holds what was trained so far."""
@@ -122,12 +132,7 @@ def train(
     cfg = recipe.train
     check_loss_for_prediction_type(recipe.loss, backend.prediction_type)
     torch.manual_seed(cfg.seed)  # LoRA init and dropout masks
-    network = LoRANetwork(
-        backend.lora_targets(
-            recipe.network.conv_dim > 0, recipe.network.train_unet, recipe.network.train_text_encoder
-        ),
-        recipe.network,
-    ).to(backend.device)
+    network = build_network(backend, recipe)
     groups = build_param_groups(
         network.named_lora_parameters(), backend.family, recipe.optimizer, recipe.blocks
     )
@@ -158,6 +163,16 @@ def train(
     return result
 
 
+def build_network(backend: Backend, recipe: TrainingRecipe) -> LoRANetwork:
+    """The LoRA over the backend's kohya targets, minus blocks of LR weight 0 (kohya never makes them)."""
+    net = recipe.network
+    targets = backend.lora_targets(net.conv_dim > 0, net.train_unet, net.train_text_encoder)
+    if recipe.blocks is not None:
+        dropped = set(excluded_modules([t.name for t in targets], backend.family, recipe.blocks))
+        targets = [t for t in targets if t.name not in dropped]
+    return LoRANetwork(targets, net).to(backend.device)
+
+
 def _set_train_mode(backend: Backend, network: LoRANetwork, cfg: TrainConfig, training: bool) -> None:
     network.train(training)
     if cfg.gradient_checkpointing:
@@ -182,11 +197,13 @@ class _StepRunner:
         self.params = [p for g in optimizer.param_groups for p in g["params"]]
         self.micro_step = 0
         self.pending_loss = 0.0
+        self.text_encoder_trains = self._text_encoder_was_training = True
 
     def run_epoch(self, plan: BucketPlan, epoch: int, result: TrainedLora, on_step) -> bool:
         """Run one epoch; True once the run's total steps are done."""
         cfg = self.recipe.train
         for _bucket, indices in epoch_batches(plan, cfg.train_batch_size, cfg.seed, epoch):
+            self.text_encoder_trains = self.recipe.optimizer.text_encoder_trains_at(result.steps)
             loss = self.forward_backward(indices, epoch)
             self.pending_loss += loss / cfg.gradient_accumulation_steps
             self.micro_step += 1
@@ -230,7 +247,10 @@ class _StepRunner:
         return loss.detach().item()
 
     def _encode_text(self, captions) -> TextConditioning:
-        grad = self.recipe.network.train_text_encoder
+        if self.text_encoder_trains != self._text_encoder_was_training:
+            set_text_encoder_trainable(self.optimizer.param_groups, self.text_encoder_trains)
+            self._text_encoder_was_training = self.text_encoder_trains
+        grad = self.recipe.network.train_text_encoder and self.text_encoder_trains
         with contextlib.nullcontext() if grad else torch.no_grad():
             return self.backend.encode_text(captions)
 

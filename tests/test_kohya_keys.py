@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
@@ -377,7 +379,7 @@ def test_sgm_unet_targets_walks_comfyui_class_names_and_subclasses():
 def test_sgm_unet_targets_renames_comfyui_sd15_paths_to_kohya_diffusers_names():
     unet = ComfyStyleUNet()
     targets = sgm_unet_targets(
-        unet, include_conv=True, rename=lambda p: sgm_to_diffusers_unet_path(p, SD15_LAYOUT)
+        unet, include_conv=True, rename=partial(sgm_to_diffusers_unet_path, layout=SD15_LAYOUT)
     )
     names = by_name(targets)
     assert names["lora_unet_down_blocks_0_attentions_0_to_q"] is unet.input_blocks[1][1].to_q

@@ -120,3 +120,19 @@ def test_sdxl_trains_both_text_encoders_and_the_unet(sdxl_backend, shapes_datase
     assert {"unet", "te1", "te2"} <= prefixes
     ups = {k: v for k, v in trained.network.kohya_state_dict().items() if k.endswith("lora_up.weight")}
     assert any(v.abs().sum() > 0 for k, v in ups.items() if k.startswith("lora_te2"))
+
+
+def test_stop_text_encoder_training_freezes_text_encoder_lora_after_n_steps(shapes_dataset):
+    """A 4-step run with stop at 2 ends with the text-encoder LoRA of the 2-step run; the UNet trains on."""
+    weights = {}
+    for steps in (2, 4):
+        backend = tiny_backend("sd15", seed=0)
+        dataset, plan, latents = _setup(backend, shapes_dataset)
+        optimizer = OptimizerConfig(learning_rate=1e-3, stop_text_encoder_training=2)
+        recipe = dataclasses.replace(_recipe(max_train_steps=steps), optimizer=optimizer)
+        weights[steps] = _weights(train(backend, dataset, plan, latents, recipe))
+    te = [k for k in weights[2] if k.startswith("lora_te_") and k.endswith("lora_up.weight")]
+    unet = [k for k in weights[2] if k.startswith("lora_unet_") and k.endswith("lora_up.weight")]
+    assert any(weights[2][k].abs().sum() > 0 for k in te)  # the text encoder did train for 2 steps
+    assert all(torch.equal(weights[2][k], weights[4][k]) for k in te)
+    assert any(not torch.equal(weights[2][k], weights[4][k]) for k in unet)
