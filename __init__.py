@@ -1,16 +1,14 @@
 """ComfyUI entry point of the LoRA-trainer node pack.
 
-ComfyUI imports this file from `custom_nodes/<pack>/`. It must also import
-cleanly without ComfyUI (tests and tools import the package), so the node
-classes are loaded only when ComfyUI's modules are importable.
+ComfyUI imports this file from `custom_nodes/<pack>/` and calls
+`comfy_entrypoint()` (the V3 node API). It must also import cleanly without
+ComfyUI (tests and tools import the package), so the nodes load only when
+ComfyUI's modules are importable.
 """
 
 import importlib.util
 
-NODE_CLASS_MAPPINGS: dict = {}
-NODE_DISPLAY_NAME_MAPPINGS: dict = {}
+if importlib.util.find_spec("comfy_api") is not None:
+    from .nodes import comfy_entrypoint
 
-if importlib.util.find_spec("comfy") is not None:
-    from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
-
-__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]
+    __all__ = ["comfy_entrypoint"]

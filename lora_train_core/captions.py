@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lora_train_core.errors import ConfigError, DatasetError, check_int, check_range
+from .errors import ConfigError, DatasetError, check_int, check_range
 
 _SECTION = "captions"
 

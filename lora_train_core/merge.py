@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from .errors import ConfigError, ModelError, check_choice, check_int
-from .export import read_metadata, save_dtype, save_lora
+from .export import SAVE_DTYPES, read_metadata, save_lora
 
 MODES = ("concat", "svd")
 # metadata that names the architecture: inputs must agree on it, the merged file keeps it
@@ -40,15 +40,14 @@ ARCHITECTURE_KEYS = ("ss_base_model_version", "ss_v2", "modelspec.architecture")
 _SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha")
 # kohya's prefixes tell SD1.x/2.x (diffusers paths, one text encoder) from SDXL (SGM paths, two)
 _KEY_SCHEMES = {
-    "lora_te_": "SD1.x/2.x",
-    "lora_unet_down_blocks_": "SD1.x/2.x",
-    "lora_unet_mid_block_": "SD1.x/2.x",
-    "lora_unet_up_blocks_": "SD1.x/2.x",
-    "lora_te1_": "SDXL",
-    "lora_te2_": "SDXL",
-    "lora_unet_input_blocks_": "SDXL",
-    "lora_unet_middle_block_": "SDXL",
-    "lora_unet_output_blocks_": "SDXL",
+    "SD1.x/2.x": ("lora_te_", "lora_unet_down_blocks_", "lora_unet_mid_block_", "lora_unet_up_blocks_"),
+    "SDXL": (
+        "lora_te1_",
+        "lora_te2_",
+        "lora_unet_input_blocks_",
+        "lora_unet_middle_block_",
+        "lora_unet_output_blocks_",
+    ),
 }
 
 
@@ -85,7 +84,7 @@ def load_lora(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
 
 
 def _modules(sd: Mapping[str, Tensor], source: str = "LoRA") -> dict[str, tuple[Tensor, Tensor, float]]:
-    """name → (down, up, alpha) in float32; alpha missing means alpha = r (kohya's loader)."""
+    """name → (down, up, alpha) in float32, checked to form LoRA pairs."""
     names = {k.removesuffix(s) for k in sd for s in _SUFFIXES if k.endswith(s)}
     foreign = sorted(k for k in sd if not k.endswith(_SUFFIXES))
     if foreign:
@@ -104,7 +103,8 @@ def _modules(sd: Mapping[str, Tensor], source: str = "LoRA") -> dict[str, tuple[
                 f"{source}: {name} has lora_down {tuple(down.shape)} and lora_up {tuple(up.shape)}, "
                 "which do not form a LoRA pair; the file is damaged"
             )
-        alpha = float(sd[f"{name}.alpha"]) if f"{name}.alpha" in sd else float(r)
+        # kohya's LoRAModule: an alpha of 0 or None means alpha = r
+        alpha = float(sd.get(f"{name}.alpha", 0)) or float(r)
         modules[name] = (down.float(), up.float(), alpha)
     return modules
 
@@ -202,7 +202,7 @@ def check_same_architecture(
     schemes = {}
     for name, sd in zip(names, state_dicts, strict=True):
         for key in sd:
-            scheme = next((s for p, s in _KEY_SCHEMES.items() if key.startswith(p)), None)
+            scheme = next((s for s, prefixes in _KEY_SCHEMES.items() if key.startswith(prefixes)), None)
             if scheme is not None:
                 schemes.setdefault(scheme, (name, key))
     if len(schemes) > 1:
@@ -283,7 +283,7 @@ def save_merged_lora(
 
 
 def parse_lora_spec(spec: str) -> tuple[Path, float]:
-    """ "FILE:WEIGHT" (or "FILE", weight 1) → (path, weight)."""
+    """Parse FILE:WEIGHT (or FILE alone, weight 1) into (path, weight)."""
     head, sep, tail = spec.rpartition(":")
     if not sep or "/" in tail or "\\" in tail:  # no weight, or the ":" of a Windows drive
         return Path(spec), 1.0
@@ -307,7 +307,7 @@ def merge_lora_files(
     overwrite: bool = False,
 ) -> tuple[Path, MergeResult]:
     """Load, merge and save: the `merge` command without --into-model."""
-    dtype = save_dtype(save_precision)
+    check_choice("merge.save_precision", save_precision, SAVE_DTYPES)
     loaded = [load_lora(path) for path, _ in specs]
     result = merge_loras(
         [(sd, w) for (sd, _), (_, w) in zip(loaded, specs, strict=True)],
@@ -317,7 +317,9 @@ def merge_lora_files(
         names=[str(path) for path, _ in specs],
     )
     sources = [(str(p), w) for p, w in specs]
-    return save_merged_lora(out, result, sources, [m for _, m in loaded], dtype, overwrite), result
+    return save_merged_lora(
+        out, result, sources, [m for _, m in loaded], SAVE_DTYPES[save_precision], overwrite
+    ), result
 
 
 def merge_into_model_folder(
@@ -325,16 +327,16 @@ def merge_into_model_folder(
 ) -> list[str]:
     """Merge LoRAs (weight = multiplier) into a diffusers folder's UNet and text encoders, saved at `out_dir`.
 
-    The folder is built beside `out_dir` and moved in at the end, so a failed
-    run leaves no half-written model; other parts of the model are copied.
+    The other parts (vae, tokenizers, scheduler, model_index.json) are copied.
+    The folder is built beside `out_dir` and moved in only once complete.
     """
     from .backends.diffusers_backend import ModelConfig, load_diffusers_backend
 
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     if not model_dir.is_dir():
         raise ModelError(f"merge: --into-model {str(model_dir)!r} is not a diffusers model folder")
-    if out_dir.resolve() == model_dir.resolve():
-        raise ConfigError("merge: --out must differ from --into-model; the source model is never overwritten")
+    if model_dir.resolve() in (out_dir.resolve(), *out_dir.resolve().parents):
+        raise ConfigError("merge: --out must lie outside --into-model; the source model is never changed")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
         raise ConfigError(
             f"merge: {str(out_dir)!r} exists and is not empty; choose another --out or pass --overwrite"

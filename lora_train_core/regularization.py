@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TypeVar
 
-from lora_train_core.errors import check_int
+from .errors import check_int
 
 T = TypeVar("T")
 

@@ -1,4 +1,33 @@
-"""ComfyUI nodes (thin front doors to lora_train_core). Built in the nodes issue."""
+"""ComfyUI nodes: thin front doors to lora_train_core (V3 schema, comfy_api.v0_0_2).
 
-NODE_CLASS_MAPPINGS: dict = {}
-NODE_DISPLAY_NAME_MAPPINGS: dict = {}
+The only package that imports comfy.*; the core never does.
+"""
+
+from __future__ import annotations
+
+from comfy_api.v0_0_2 import ComfyExtension, io
+
+from .config_nodes import ConfigureNetwork, ConfigureNoise, ConfigureOptimizer
+from .dataset_nodes import Bucketize, CacheLatents, LoadDataset
+from .train_nodes import EMAExport, LossPlot, TrainLoRA
+
+NODES: list[type[io.ComfyNode]] = [
+    LoadDataset,
+    Bucketize,
+    CacheLatents,
+    ConfigureNoise,
+    ConfigureOptimizer,
+    ConfigureNetwork,
+    TrainLoRA,
+    EMAExport,
+    LossPlot,
+]
+
+
+class LoraTrainerExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return NODES
+
+
+async def comfy_entrypoint() -> LoraTrainerExtension:
+    return LoraTrainerExtension()

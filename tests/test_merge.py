@@ -77,6 +77,9 @@ def test_delta_weights_match_the_kohya_formula():
     for name, delta in deltas.items():
         assert delta.dtype == torch.float32
         torch.testing.assert_close(delta.double(), _plain_delta(a, name), rtol=1e-5, atol=1e-5)
+    a[f"{LINEAR}.alpha"] = torch.tensor(0.0)  # kohya: alpha 0 means alpha = rank, scale 1
+    up, down = a[f"{LINEAR}.lora_up.weight"], a[f"{LINEAR}.lora_down.weight"]
+    torch.testing.assert_close(delta_weights(a)[LINEAR], up @ down)
 
 
 def test_svd_merge_at_full_rank_is_exact_and_keeps_all_energy():

@@ -1,0 +1,188 @@
+"""The core's backend protocol on ComfyUI's own MODEL / CLIP / VAE objects.
+
+Nothing is loaded twice: training runs on the diffusion model the graph already
+loaded. ComfyUI works in sigma space (x = x0 + σε, input scaled by 1/√(σ²+1));
+DDPM's x_t = √ā·x0 + √(1−ā)·ε is exactly that scaled input with
+ā = 1/(1+σ²), so the core's noising is reused unchanged and `predict` calls
+the raw network at the DDPM timestep, returning ε or v (not ComfyUI's x0).
+See DESIGN.md, "The sigma convention"; tests/integration/test_parity.py proves it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from functools import partial
+
+import comfy.model_management as mm
+import comfy.model_sampling
+import comfy.utils
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from ..lora_train_core.backends.base import TextConditioning
+from ..lora_train_core.errors import ConfigError, ModelError
+from ..lora_train_core.kohya_keys import LoraTarget, sgm_unet_targets
+
+BASE_MODEL_VERSION = {"sd15": "sd_v1", "sdxl": "sdxl_base_v1-0"}
+MODELSPEC_ARCHITECTURE = {"sd15": "stable-diffusion-v1/lora", "sdxl": "stable-diffusion-xl-v1-base/lora"}
+TOKEN_CHUNK = 77  # kohya trains on one 77-token window; ComfyUI would append more chunks
+
+
+def model_family(model) -> str:
+    """sd15 (SD1.x/2.x UNet, kohya's diffusers-style names) or sdxl; other families are refused."""
+    import comfy.model_base as mb
+
+    base = model.model
+    if isinstance(base, mb.SDXL):
+        return "sdxl"
+    if type(base) is mb.BaseModel:
+        return "sd15"
+    raise ModelError(
+        f"MODEL: {type(base).__name__} models are not supported; this trainer supports SD1.x/2.x and SDXL"
+    )
+
+
+class ComfyBackend:
+    """Backend over a ModelPatcher (+ CLIP, VAE). Build it inside `torch.inference_mode(False)`."""
+
+    def __init__(self, model, clip=None, vae=None):
+        self.model, self.clip, self.vae = model, clip, vae
+        self.family = model_family(model)
+        self.device = model.load_device
+        self.diffusion_model: nn.Module = model.model.diffusion_model
+        self.compute_dtype = model.model.manual_cast_dtype or model.model.get_dtype()
+        sampling = model.get_model_object("model_sampling")
+        # V_PREDICTION subclasses EPS, so test for it first.
+        self.prediction_type = (
+            "v_prediction" if isinstance(sampling, comfy.model_sampling.V_PREDICTION) else "epsilon"
+        )
+        self.alphas_cumprod = (1.0 / (1.0 + sampling.sigmas.to(torch.float32) ** 2)).to(self.device)
+        self.latent_downscale = 8
+        self.base_model_version = BASE_MODEL_VERSION[self.family]
+        self.modelspec_architecture = MODELSPEC_ARCHITECTURE[self.family]
+        self.fingerprint = _vae_fingerprint(vae) if vae is not None else "no-vae"
+        self._checkpointed: list[nn.Module] = []
+
+    def prepare_for_training(self) -> None:
+        """Load the model on its device and make its weights usable by autograd.
+
+        Call inside torch.inference_mode(False).
+        """
+        mm.load_models_gpu([self.model])
+        self.diffusion_model = self.model.model.diffusion_model
+        _make_trainable(self.diffusion_model)
+
+    # --- images -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_images(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """A posterior sample (as kohya caches), scaled by the model's latent format."""
+        if self.vae is None:
+            raise ConfigError("Cache Latents: connect a VAE")
+        mm.load_models_gpu([self.vae.patcher])
+        vae_model = self.vae.first_stage_model
+        h = vae_model.encoder(pixels.to(self.vae.device, self.vae.vae_dtype))
+        h = vae_model.quant_conv(h) if getattr(vae_model, "quant_conv", None) is not None else h
+        mean, logvar = h.float().chunk(2, dim=1)
+        std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
+        noise = torch.randn(mean.shape, generator=generator, device=generator.device if generator else "cpu")
+        return self.model.model.process_latent_in(mean + std * noise.to(mean.device))
+
+    # --- text ---------------------------------------------------------------------------------
+    def encode_text(self, captions: Sequence[str]) -> TextConditioning:
+        if self.clip is None:
+            raise ConfigError("Train LoRA: connect the CLIP from the checkpoint loader")
+        hidden, pooled = [], []
+        for caption in captions:
+            tokens = self.clip.tokenize(caption, disable_weights=True)
+            tokens = {k: v[:1] for k, v in tokens.items()}  # first 77-token window, as kohya truncates
+            cond, pool = self.clip.encode_from_tokens(tokens, return_pooled=True)
+            hidden.append(cond.to(self.device))
+            pooled.append(pool.to(self.device) if pool is not None else None)
+        return TextConditioning(torch.cat(hidden), torch.cat(pooled) if self.family == "sdxl" else None)
+
+    # --- prediction ---------------------------------------------------------------------------
+    def predict(
+        self,
+        noisy_latents: torch.Tensor,
+        timesteps: torch.Tensor,
+        text: TextConditioning,
+        size_conditioning: torch.Tensor | None,
+    ) -> torch.Tensor:
+        y = self._sdxl_vector(text, size_conditioning) if self.family == "sdxl" else None
+        return self.diffusion_model(
+            noisy_latents.to(self.device, self.compute_dtype),
+            timesteps.to(self.device).float(),
+            context=text.hidden.to(self.device, self.compute_dtype),
+            y=None if y is None else y.to(self.compute_dtype),
+        ).float()
+
+    def _sdxl_vector(self, text: TextConditioning, size_conditioning: torch.Tensor | None) -> torch.Tensor:
+        """SDXL's `y`: pooled text ‖ 256-d embeddings of the six size numbers (model_base.SDXL.encode_adm)."""
+        if text.pooled is None or size_conditioning is None:
+            raise ValueError("SDXL needs pooled text embeddings and size conditioning")
+        sizes = size_conditioning.to(self.device, torch.float32)
+        embedded = self.model.model.embedder(sizes.flatten()).reshape(sizes.shape[0], -1)
+        return torch.cat([text.pooled.to(self.device, torch.float32), embedded.to(self.device)], dim=1)
+
+    # --- LoRA targets and modes -----------------------------------------------------------------
+    def lora_targets(self, include_conv: bool, unet: bool, text_encoder: bool) -> list[LoraTarget]:
+        if text_encoder:
+            raise ConfigError(
+                "Configure Network: train_text_encoder is not implemented yet inside ComfyUI; "
+                "turn it off (the UNet LoRA trains) or train from the CLI"
+            )
+        if not unet:
+            return []
+        rename = str if self.family == "sdxl" else partial(_diffusers_name, _sgm_to_diffusers(self.model))
+        return sgm_unet_targets(self.diffusion_model, include_conv=include_conv, rename=rename)
+
+    def trainable_modules(self) -> list[nn.Module]:
+        return [self.diffusion_model]
+
+    def set_gradient_checkpointing(self, enabled: bool) -> None:
+        """Checkpoint each UNet block (ComfyUI's own `use_checkpoint` ignores LoRA tensors held outside)."""
+        if enabled and not self._checkpointed:
+            dm = self.diffusion_model
+            for block in [*dm.input_blocks, dm.middle_block, *dm.output_blocks]:
+                block.forward = partial(checkpoint, type(block).forward.__get__(block), use_reentrant=False)
+                self._checkpointed.append(block)
+        elif not enabled:
+            for block in self._checkpointed:
+                del block.forward
+            self._checkpointed.clear()
+
+
+def _sgm_to_diffusers(model) -> dict[str, str]:
+    """ComfyUI module path (SGM) → diffusers module path, from ComfyUI's own key map."""
+    d2s = comfy.utils.unet_to_diffusers(model.model.model_config.unet_config)
+    return {s[: -len(".weight")]: d[: -len(".weight")] for d, s in d2s.items() if d.endswith(".weight")}
+
+
+def _diffusers_name(mapping: dict[str, str], sgm_path: str) -> str:
+    return mapping[sgm_path]
+
+
+def _make_trainable(module: nn.Module) -> None:
+    """Replace inference-tensor parameters by equal normal tensors.
+
+    ComfyUI loads models under torch.inference_mode(); autograd cannot save such
+    tensors for backward, so a LoRA beside a frozen layer could not train. The
+    values are copied bit for bit; only the tensor objects change.
+    """
+    for name, param in list(module.named_parameters()):
+        if param.is_inference():
+            comfy.utils.set_attr_param(module, name, param.clone())
+    for name, buf in list(module.named_buffers()):
+        if buf.is_inference():
+            comfy.utils.set_attr(module, name, buf.clone())
+
+
+def _vae_fingerprint(vae) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(vae.get_sd().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()

@@ -1,0 +1,139 @@
+"""Training inside ComfyUI: the core's `train()` run on the graph's MODEL/CLIP.
+
+What ComfyUI forces here (DESIGN.md, "ComfyUI facts that bite"): nodes run under
+torch.inference_mode(), so training runs inside inference_mode(False) with
+grad enabled and clones the inference tensors it receives; LoRA layers are
+removed in `finally` by the network itself, so the input MODEL is unchanged on
+success, error and cancel; progress goes to ComfyUI's ProgressBar (with a live
+loss plot) and Cancel is checked every step, keeping a partial LoRA.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import comfy.model_management as mm
+import comfy.sd
+import comfy.utils
+import torch
+
+from ..lora_train_core.export import next_free_path, save_dtype, save_lora
+from ..lora_train_core.latent_cache import CachedLatents, LatentSample
+from ..lora_train_core.loss_plot import render_loss_plot
+from ..lora_train_core.metadata import training_metadata
+from ..lora_train_core.train import TrainedLora, TrainingRecipe, TrainingStopped, train
+from .comfy_backend import ComfyBackend
+from .values import LatentsValue, TrainedValue
+
+log = logging.getLogger(__name__)
+PREVIEW_EVERY = 10
+
+
+def train_lora_in_comfy(
+    model,
+    clip,
+    latents: LatentsValue,
+    recipe: TrainingRecipe,
+    save_path: Path,
+    save_precision: str,
+    node_id: str | None,
+):
+    """Train, save to `save_path` (a free name), and return (TrainedValue, MODEL, CLIP) carrying the LoRA."""
+    buckets = latents.buckets
+    dataset, plan = buckets.data.dataset, buckets.plan
+    with torch.inference_mode(False), torch.enable_grad():
+        backend = ComfyBackend(model, clip)
+        backend.prepare_for_training()
+        progress = _Progress(node_id)
+        try:
+            trained = train(backend, dataset, plan, _trainable(latents.latents), recipe, on_step=progress)
+        except TrainingStopped as stop:
+            if stop.partial.steps > 0:
+                partial = next_free_path(save_path.with_name(f"{save_path.stem}-partial.safetensors"))
+                _save(partial, stop.partial, backend, recipe, dataset, plan, save_precision)
+                log.warning(
+                    "training stopped at step %d; partial LoRA saved to %s", stop.partial.steps, partial
+                )
+            raise (stop.__cause__ or stop) from None
+    metadata = _save(save_path, trained, backend, recipe, dataset, plan, save_precision)
+    # The in-graph result is exactly what LoraLoader gives for the saved file: same tensors, same loader.
+    lora = comfy.utils.load_torch_file(str(save_path), safe_load=True)
+    model_out, clip_out = comfy.sd.load_lora_for_models(model, clip, lora, 1.0, 1.0)
+    return TrainedValue(trained, metadata, save_path), model_out, clip_out
+
+
+class _Progress:
+    """Step callback: Cancel check, ProgressBar with the loss, a live loss-plot preview."""
+
+    def __init__(self, node_id: str | None):
+        self.node_id = node_id
+        self.bar: comfy.utils.ProgressBar | None = None
+        self.losses: list[float] = []
+
+    def __call__(self, step: int, total: int, loss: float, lr: float) -> None:
+        mm.throw_exception_if_processing_interrupted()
+        self.losses.append(loss)
+        if self.bar is None:
+            self.bar = comfy.utils.ProgressBar(total, node_id=self.node_id)
+        preview = None
+        if step == 1 or step % PREVIEW_EVERY == 0 or step == total:
+            plot = render_loss_plot(self.losses, title=f"loss {loss:.4f} (step {step}/{total})")
+            preview = ("JPEG", plot, 512)
+        self.bar.update_absolute(step, total, preview)
+
+
+def _trainable(latents):
+    """Latents made under inference_mode are inference tensors; autograd needs normal ones."""
+    if not isinstance(latents, CachedLatents):
+        return latents
+    return CachedLatents(
+        [LatentSample(s.latents.clone(), s.original_size, s.crop_left_top, s.bucket) for s in latents.samples]
+    )
+
+
+def _save(
+    path: Path,
+    trained: TrainedLora,
+    backend: ComfyBackend,
+    recipe: TrainingRecipe,
+    dataset,
+    plan,
+    save_precision: str,
+    use_ema: bool = False,
+) -> dict[str, str]:
+    metadata = lora_metadata(
+        trained,
+        backend.family,
+        backend.base_model_version,
+        backend.modelspec_architecture,
+        backend.prediction_type,
+        recipe,
+        dataset,
+        plan,
+        path.stem,
+    )
+    metadata["ss_ema_weights"] = str(use_ema)
+    save_lora(path, trained.kohya_state_dict(use_ema), metadata, save_dtype(save_precision))
+    return metadata
+
+
+def lora_metadata(
+    trained, family, base_model_version, architecture, prediction_type, recipe, dataset, plan, name
+) -> dict[str, str]:
+    return training_metadata(
+        recipe=recipe,
+        family=family,
+        base_model_version=base_model_version,
+        modelspec_architecture=architecture,
+        prediction_type=prediction_type,
+        dataset=dataset,
+        plan=plan,
+        output_name=name,
+        model_name="ComfyUI MODEL",
+        steps=trained.steps,
+        epochs=trained.epochs,
+        total_steps=trained.total_steps,
+        started_at=trained.started_at,
+        finished_at=trained.finished_at,
+    )

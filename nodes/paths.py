@@ -1,0 +1,70 @@
+"""Where node inputs may read and write: only inside ComfyUI's own folders.
+
+A ComfyUI server can be reachable by others, so a name typed into a widget
+must never reach outside `input/` (datasets) or `models/loras/` (saved LoRAs):
+no `..`, no absolute paths, no links, no odd characters. Pure functions over
+the root folders, so they are tested without ComfyUI.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from ..lora_train_core.errors import ConfigError
+
+ALLOW_ANY_DATASET_PATH_ENV = "LORA_TRAINER_ALLOW_ANY_DATASET_PATH"
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _.\-]{0,127}$")
+
+
+def dataset_folders(input_dir: Path) -> list[str]:
+    """Sub-folders of ComfyUI's input directory, for the Load Dataset dropdown."""
+    if not input_dir.is_dir():
+        return []
+    return sorted(
+        p.name
+        for p in input_dir.iterdir()
+        if p.is_dir() and not p.is_symlink() and not p.name.startswith(".")
+    )
+
+
+def resolve_dataset_folder(input_dir: Path, name: str, custom_path: str = "") -> Path:
+    """The folder a Load Dataset node reads: a sub-folder of `input_dir`, or (if allowed) `custom_path`."""
+    if custom_path.strip():
+        if os.environ.get(ALLOW_ANY_DATASET_PATH_ENV) != "1":
+            raise ConfigError(
+                "Load Dataset: custom_path is off on this server (a ComfyUI server may be reachable by "
+                "others). "
+                f"Put the dataset under {input_dir} and pick it in `folder`, or start ComfyUI with "
+                f"{ALLOW_ANY_DATASET_PATH_ENV}=1 to allow any folder"
+            )
+        path = Path(custom_path.strip()).expanduser()
+        if not path.is_absolute() or not path.is_dir():
+            raise ConfigError(f"Load Dataset: custom_path {custom_path!r} is not an existing absolute folder")
+        return path
+    _check_name("Load Dataset: folder", name)
+    return _inside(input_dir, name, "Load Dataset: folder")
+
+
+def lora_save_path(loras_dir: Path, name: str) -> Path:
+    """`<loras_dir>/<name>.safetensors` for a plain name; anything that could escape is refused."""
+    stem = name[: -len(".safetensors")] if name.endswith(".safetensors") else name
+    _check_name("lora_name", stem)
+    return _inside(loras_dir, f"{stem}.safetensors", "lora_name")
+
+
+def _check_name(field: str, name: str) -> None:
+    if not _SAFE_NAME.fullmatch(name or "") or ".." in name:
+        raise ConfigError(
+            f"{field}: {name!r} is not a plain name; use letters, digits, spaces, '_', '-' and '.', "
+            "starting with a letter or digit, without folders or '..'"
+        )
+
+
+def _inside(root: Path, name: str, field: str) -> Path:
+    root = Path(root).resolve()
+    path = root / name
+    if path.is_symlink() or path.resolve().parent != root:
+        raise ConfigError(f"{field}: {name!r} leads outside {root}; links are not followed")
+    return path

@@ -1,0 +1,223 @@
+"""Train LoRA, EMA Export and Loss Plot."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import folder_paths
+import numpy as np
+import torch
+from comfy_api.v0_0_2 import io, ui
+
+from ..lora_train_core.ema import EMAConfig
+from ..lora_train_core.export import SAVE_DTYPES, next_free_path, save_dtype, save_lora
+from ..lora_train_core.loss import LossConfig
+from ..lora_train_core.loss_plot import render_loss_plot
+from ..lora_train_core.network import NetworkConfig
+from ..lora_train_core.noise import NoiseConfig
+from ..lora_train_core.optim import OptimizerConfig
+from ..lora_train_core.train import TrainConfig, TrainingRecipe
+from .comfy_training import train_lora_in_comfy
+from .paths import lora_save_path
+from .values import CATEGORY, LoraLatents, LoraNetwork, LoraNoise, LoraOptimizer, LoraTrained
+
+PRECISIONS = list(SAVE_DTYPES)
+
+
+def _loras_dir() -> Path:
+    return Path(folder_paths.get_folder_paths("loras")[0])
+
+
+def _free_save_path(name: str, overwrite: bool) -> Path:
+    path = lora_save_path(_loras_dir(), name)
+    return path if overwrite else next_free_path(path)
+
+
+class TrainLoRA(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="LoRATrainer_TrainLoRA",
+            display_name="Train LoRA",
+            category=CATEGORY,
+            description="Trains a LoRA on the graph's MODEL and saves it to models/loras/ (kohya format). "
+            "The MODEL/CLIP outputs carry the trained LoRA, as LoraLoader would apply the saved file.",
+            is_output_node=True,
+            inputs=[
+                io.Model.Input("model", tooltip="The model to train on (from Load Checkpoint)."),
+                io.Clip.Input("clip", tooltip="The CLIP of the same checkpoint (encodes the captions)."),
+                LoraLatents.Input("latents", tooltip="From Cache Latents."),
+                io.Int.Input(
+                    "max_train_steps", default=500, min=1, max=1_000_000, tooltip="Optimiser steps."
+                ),
+                io.Int.Input(
+                    "train_batch_size",
+                    default=1,
+                    min=1,
+                    max=256,
+                    tooltip="Images per step (one bucket per batch).",
+                ),
+                io.Int.Input(
+                    "gradient_accumulation_steps",
+                    default=1,
+                    min=1,
+                    max=256,
+                    tooltip="Batches accumulated per optimiser step.",
+                ),
+                io.Boolean.Input(
+                    "gradient_checkpointing", default=False, tooltip="Save memory for ~30% more time."
+                ),
+                io.Int.Input(
+                    "seed",
+                    default=42,
+                    min=0,
+                    max=2**63 - 1,
+                    tooltip="Seeds noise, timesteps, captions and the LoRA init: same seed, same result.",
+                ),
+                io.String.Input(
+                    "lora_name",
+                    default="my_lora",
+                    tooltip="File name in models/loras/ (no "
+                    "folders). An existing file is kept: a counter is added unless overwrite.",
+                ),
+                io.Boolean.Input(
+                    "overwrite", default=False, tooltip="Replace an existing file of that name."
+                ),
+                io.Combo.Input("save_precision", options=PRECISIONS, default="fp16", tooltip="Saved dtype."),
+                LoraNetwork.Input(
+                    "network",
+                    optional=True,
+                    tooltip="From Configure Network (default: rank 16, alpha 8, UNet only).",
+                ),
+                LoraOptimizer.Input(
+                    "optimizer",
+                    optional=True,
+                    tooltip="From Configure Optimizer (default: AdamW 1e-4, constant).",
+                ),
+                LoraNoise.Input(
+                    "noise", optional=True, tooltip="From Configure Noise (default: plain noise, L2 loss)."
+                ),
+            ],
+            outputs=[
+                io.Model.Output(
+                    display_name="MODEL", tooltip="The input model with the trained LoRA applied."
+                ),
+                io.Clip.Output(display_name="CLIP", tooltip="The input CLIP with the LoRA applied."),
+                LoraTrained.Output(display_name="trained", tooltip="For EMA Export and Loss Plot."),
+                io.String.Output(display_name="lora_path", tooltip="Where the LoRA was saved."),
+            ],
+            hidden=[io.Hidden.unique_id],
+        )
+
+    @classmethod
+    def execute(
+        cls,
+        model,
+        clip,
+        latents,
+        max_train_steps,
+        train_batch_size,
+        gradient_accumulation_steps,
+        gradient_checkpointing,
+        seed,
+        lora_name,
+        overwrite,
+        save_precision,
+        network=None,
+        optimizer=None,
+        noise=None,
+    ) -> io.NodeOutput:
+        optimizer_cfg, ema_cfg = optimizer or (OptimizerConfig(), EMAConfig())
+        recipe = TrainingRecipe(
+            train=TrainConfig(
+                max_train_steps=max_train_steps,
+                train_batch_size=train_batch_size,
+                gradient_accumulation_steps=gradient_accumulation_steps,
+                gradient_checkpointing=gradient_checkpointing,
+                seed=seed,
+                mixed_precision=_mixed_precision(model),
+            ),
+            network=network or NetworkConfig(network_dim=16, network_alpha=8.0, train_text_encoder=False),
+            optimizer=optimizer_cfg,
+            noise=noise.noise if noise else NoiseConfig(),
+            loss=noise.loss if noise else LossConfig(),
+            captions=latents.buckets.data.captions,
+            ema=ema_cfg,
+        )
+        save_path = _free_save_path(lora_name, overwrite)
+        trained, model_out, clip_out = train_lora_in_comfy(
+            model,
+            clip,
+            latents,
+            recipe,
+            save_path,
+            save_precision,
+            cls.hidden.unique_id if cls.hidden else None,
+        )
+        return io.NodeOutput(model_out, clip_out, trained, str(save_path))
+
+
+def _mixed_precision(model) -> str:
+    """Autocast (and, for fp16, a grad scaler) matching the dtype ComfyUI runs the model in."""
+    dtype = model.model.manual_cast_dtype or model.model.get_dtype()
+    return {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, "no")
+
+
+class EMAExport(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="LoRATrainer_EMAExport",
+            display_name="EMA Export",
+            category=CATEGORY,
+            description="Saves the trained LoRA's EMA (or raw) weights as another file in models/loras/.",
+            is_output_node=True,
+            inputs=[
+                LoraTrained.Input("trained", tooltip="From Train LoRA."),
+                io.Boolean.Input(
+                    "use_ema",
+                    default=True,
+                    tooltip="Save the EMA weights (needs ema_decay > 0 "
+                    "in Configure Optimizer); off saves the raw weights.",
+                ),
+                io.String.Input("lora_name", default="my_lora_ema", tooltip="File name in models/loras/."),
+                io.Boolean.Input(
+                    "overwrite", default=False, tooltip="Replace an existing file of that name."
+                ),
+                io.Combo.Input("save_precision", options=PRECISIONS, default="fp16", tooltip="Saved dtype."),
+            ],
+            outputs=[io.String.Output(display_name="lora_path", tooltip="Where the file was saved.")],
+        )
+
+    @classmethod
+    def execute(cls, trained, use_ema, lora_name, overwrite, save_precision) -> io.NodeOutput:
+        path = _free_save_path(lora_name, overwrite)
+        metadata = {**trained.metadata, "ss_output_name": path.stem, "ss_ema_weights": str(use_ema)}
+        save_lora(
+            path,
+            trained.trained.kohya_state_dict(use_ema),
+            metadata,
+            save_dtype(save_precision),
+            overwrite=overwrite,
+        )
+        return io.NodeOutput(str(path))
+
+
+class LossPlot(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="LoRATrainer_LossPlot",
+            display_name="Loss Plot",
+            category=CATEGORY,
+            description="The loss curve of a training run (raw and smoothed), as an IMAGE.",
+            is_output_node=True,
+            inputs=[LoraTrained.Input("trained", tooltip="From Train LoRA.")],
+            outputs=[io.Image.Output(display_name="IMAGE", tooltip="The loss plot.")],
+        )
+
+    @classmethod
+    def execute(cls, trained) -> io.NodeOutput:
+        picture = render_loss_plot(trained.trained.losses)
+        image = torch.from_numpy(np.asarray(picture, dtype=np.float32) / 255.0)[None]
+        return io.NodeOutput(image, ui=ui.PreviewImage(image, cls=cls))

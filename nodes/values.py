@@ -1,0 +1,61 @@
+"""The values that travel on this pack's links (custom ComfyUI types).
+
+Each is an immutable bundle of core values, so a node downstream sees exactly
+what the node upstream produced, and ComfyUI's cache can reuse it safely.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from comfy_api.v0_0_2 import io
+
+from ..lora_train_core.buckets import BucketPlan
+from ..lora_train_core.captions import CaptionConfig
+from ..lora_train_core.dataset import Dataset
+from ..lora_train_core.latent_cache import CachedLatents, OnTheFlyLatents
+from ..lora_train_core.loss import LossConfig
+from ..lora_train_core.noise import NoiseConfig
+from ..lora_train_core.train import TrainedLora
+
+LoraDataset = io.Custom("LORA_DATASET")
+LoraBuckets = io.Custom("LORA_BUCKETS")
+LoraLatents = io.Custom("LORA_LATENTS")
+LoraNoise = io.Custom("LORA_NOISE")
+LoraOptimizer = io.Custom("LORA_OPTIMIZER")
+LoraNetwork = io.Custom("LORA_NETWORK")
+LoraTrained = io.Custom("LORA_TRAINED")
+
+CATEGORY = "LoRA Training"
+
+
+@dataclass(frozen=True)
+class DatasetValue:
+    dataset: Dataset
+    captions: CaptionConfig
+
+
+@dataclass(frozen=True)
+class BucketsValue:
+    data: DatasetValue
+    plan: BucketPlan
+
+
+@dataclass(frozen=True)
+class LatentsValue:
+    buckets: BucketsValue
+    latents: CachedLatents | OnTheFlyLatents
+
+
+@dataclass(frozen=True)
+class NoiseValue:
+    noise: NoiseConfig
+    loss: LossConfig
+
+
+@dataclass(frozen=True)
+class TrainedValue:
+    trained: TrainedLora
+    metadata: dict[str, str]
+    saved_path: Path | None

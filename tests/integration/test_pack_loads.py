@@ -1,0 +1,147 @@
+"""ComfyUI loads the pack as a custom node, and the harness drives real graphs."""
+
+from __future__ import annotations
+
+import pytest
+
+REQUIRED_NODE_IDS = [
+    "LoRATrainer_LoadDataset",
+    "LoRATrainer_Bucketize",
+    "LoRATrainer_CacheLatents",
+    "LoRATrainer_ConfigureNoise",
+    "LoRATrainer_ConfigureOptimizer",
+    "LoRATrainer_ConfigureNetwork",
+    "LoRATrainer_TrainLoRA",
+    "LoRATrainer_EMAExport",
+    "LoRATrainer_LossPlot",
+]
+
+
+def trainer_node_ids() -> list[str]:
+    import nodes
+
+    return sorted(k for k in nodes.NODE_CLASS_MAPPINGS if k.startswith("LoRATrainer_"))
+
+
+def test_pack_imports_without_errors(comfy):
+    assert comfy.import_failures() == [], "\n".join(comfy.init_log())
+    comfy.pack_module("nodes")  # raises if ComfyUI did not register the pack
+
+
+def test_every_trainer_node_is_registered(comfy):
+    missing = sorted(set(REQUIRED_NODE_IDS) - set(trainer_node_ids()))
+    assert missing == [], f"not registered: {missing}"
+
+
+def test_every_trainer_node_input_has_a_tooltip(comfy):
+    import nodes
+
+    ids = trainer_node_ids()
+    assert ids, "no LoRATrainer_ nodes registered"
+    untipped = []
+    for node_id in ids:
+        spec = nodes.NODE_CLASS_MAPPINGS[node_id].INPUT_TYPES()
+        for section in ("required", "optional"):
+            for name, entry in (spec.get(section) or {}).items():
+                options = entry[1] if len(entry) > 1 and isinstance(entry[1], dict) else {}
+                if not str(options.get("tooltip") or "").strip():
+                    untipped.append(f"{node_id}.{name}")
+    assert untipped == []
+
+
+def core_ui_workflow(ckpt_name: str) -> dict:
+    """CheckpointLoaderSimple → CLIPTextEncode ×2 → EmptyLatentImage → KSampler → VAEDecode → SaveImage,
+    as the browser saves it (links table, widgets_values with KSampler's "fixed" control value).
+    """
+    links = [
+        [1, 4, 0, 3, 0, "MODEL"],
+        [2, 4, 1, 6, 0, "CLIP"],
+        [3, 4, 1, 7, 0, "CLIP"],
+        [4, 6, 0, 3, 1, "CONDITIONING"],
+        [5, 7, 0, 3, 2, "CONDITIONING"],
+        [6, 5, 0, 3, 3, "LATENT"],
+        [7, 3, 0, 8, 0, "LATENT"],
+        [8, 4, 2, 8, 1, "VAE"],
+        [9, 8, 0, 9, 0, "IMAGE"],
+    ]
+
+    def slot(name, kind, link=None):
+        return {"name": name, "type": kind, "link": link}
+
+    nodes = [
+        {"id": 4, "type": "CheckpointLoaderSimple", "mode": 0, "inputs": [], "widgets_values": [ckpt_name]},
+        {"id": 6, "type": "CLIPTextEncode", "mode": 0, "inputs": [slot("clip", "CLIP", 2)],
+         "widgets_values": ["a red circle, blue background"]},  # fmt: skip
+        {"id": 7, "type": "CLIPTextEncode", "mode": 0, "inputs": [slot("clip", "CLIP", 3)],
+         "widgets_values": ["blurry"]},  # fmt: skip
+        {"id": 5, "type": "EmptyLatentImage", "mode": 0, "inputs": [], "widgets_values": [64, 64, 1]},
+        {"id": 3, "type": "KSampler", "mode": 0,
+         "inputs": [slot("model", "MODEL", 1), slot("positive", "CONDITIONING", 4),
+                    slot("negative", "CONDITIONING", 5), slot("latent_image", "LATENT", 6),
+                    {**slot("steps", "INT"), "widget": {"name": "steps"}}],
+         "widgets_values": [42, "fixed", 1, 7.5, "euler", "normal", 1.0]},  # fmt: skip
+        {"id": 8, "type": "VAEDecode", "mode": 0, "inputs": [slot("samples", "LATENT", 7), slot("vae", "VAE", 8)]},
+        {"id": 9, "type": "SaveImage", "mode": 0, "inputs": [slot("images", "IMAGE", 9)],
+         "widgets_values": ["harness_check"]},  # fmt: skip
+        {"id": 10, "type": "Note", "mode": 0, "inputs": [], "widgets_values": ["not executed"]},
+    ]
+    return {"last_node_id": 10, "last_link_id": 9, "nodes": nodes, "links": links, "version": 0.4}
+
+
+def test_ui_workflow_becomes_the_api_prompt(comfy):
+    prompt = comfy.ui_workflow_to_api_prompt(core_ui_workflow("model.safetensors"))
+    assert prompt == {
+        "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "model.safetensors"}},
+        "6": {"class_type": "CLIPTextEncode", "inputs": {"text": "a red circle, blue background", "clip": ["4", 1]}},
+        "7": {"class_type": "CLIPTextEncode", "inputs": {"text": "blurry", "clip": ["4", 1]}},
+        "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "3": {
+            "class_type": "KSampler",
+            "inputs": {
+                "seed": 42,
+                "steps": 1,
+                "cfg": 7.5,
+                "sampler_name": "euler",
+                "scheduler": "normal",
+                "denoise": 1.0,
+                "model": ["4", 0],
+                "positive": ["6", 0],
+                "negative": ["7", 0],
+                "latent_image": ["5", 0],
+            },
+        },
+        "8": {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["4", 2]}},
+        "9": {"class_type": "SaveImage", "inputs": {"filename_prefix": "harness_check", "images": ["8", 0]}},
+    }
+
+
+def test_ui_workflow_link_replaces_its_widget_value(comfy):
+    workflow = core_ui_workflow("model.safetensors")
+    workflow["nodes"].append(
+        {"id": 11, "type": "EmptyLatentImage", "mode": 0, "inputs": [], "widgets_values": [64, 64, 1]}
+    )
+    ksampler = next(n for n in workflow["nodes"] if n["id"] == 3)
+    ksampler["inputs"][-1]["link"] = 10  # a (type-wrong, but it only has to be linked) link into `steps`
+    workflow["links"].append({"id": 10, "origin_id": 11, "origin_slot": 0, "target_id": 3, "target_slot": 4})
+    inputs = comfy.ui_workflow_to_api_prompt(workflow)["3"]["inputs"]
+    assert inputs["steps"] == ["11", 0]
+    assert (inputs["seed"], inputs["cfg"]) == (42, 7.5)
+
+
+@pytest.mark.slow
+def test_core_ui_workflow_runs_and_saves_an_image(comfy, sd15_checkpoint):
+    prompt = comfy.ui_workflow_to_api_prompt(core_ui_workflow(sd15_checkpoint.name))
+    result = comfy.run_prompt(prompt)
+    assert result.success, result.describe()
+    assert result.events[-1] == "execution_success"
+    saved = result.outputs["9"]["images"]
+    assert [image["filename"].startswith("harness_check") for image in saved] == [True]
+    assert (comfy.output_dir() / saved[0]["subfolder"] / saved[0]["filename"]).is_file()
+
+
+def test_invalid_prompt_reports_the_node_error(comfy):
+    prompt = {"1": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 0}}}
+    prompt["2"] = {"class_type": "SaveLatent", "inputs": {"samples": ["1", 0], "filename_prefix": "x"}}
+    result = comfy.run_prompt(prompt)
+    assert not result.success
+    assert "1" in result.node_errors, result.describe()

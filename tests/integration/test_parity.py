@@ -1,0 +1,119 @@
+"""The sigma convention (DESIGN.md): ComfyBackend on a ComfyUI-loaded checkpoint computes what
+DiffusersBackend computes on the same weights: schedule, noisy input, text conditioning,
+latents, raw network output and loss.
+
+Both sides load the random SD1.5 checkpoint of the `sd15_checkpoint` fixture in float32 on
+the CPU (the files are fp16, so both hold bit-identical weights); latents are 1×4×8×8.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lora_train_core.backends.diffusers_backend import ModelConfig, load_diffusers_backend
+from lora_train_core.loss import LossConfig, training_loss
+from lora_train_core.noise import add_noise
+
+pytestmark = pytest.mark.slow
+CAPTIONS = ["a red circle, blue background, flat colors", "a photo of a cat"]
+TIMESTEPS = torch.tensor([17, 801])
+
+
+@pytest.fixture(scope="module")
+def diffusers_backend(sd15_checkpoint):
+    return load_diffusers_backend(ModelConfig(path=sd15_checkpoint.diffusers), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def comfy_model(comfy, sd15_checkpoint):
+    """(ModelPatcher, CLIP, VAE) as CheckpointLoaderSimple loads them, but in float32."""
+    import comfy.sd
+
+    fp32 = {"dtype": torch.float32}
+    loaded = comfy.sd.load_checkpoint_guess_config(
+        str(sd15_checkpoint.path), output_vae=True, output_clip=True, model_options=fp32, te_model_options=fp32
+    )
+    return loaded[:3]
+
+
+@pytest.fixture(scope="module")
+def comfy_backend(comfy, comfy_model):
+    backend_module = comfy.pack_module("nodes.comfy_backend")
+    with torch.inference_mode(False):
+        return backend_module.ComfyBackend(*comfy_model)
+
+
+def latents_and_noise(batch=2):
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(batch, 4, 8, 8, generator=g), torch.randn(batch, 4, 8, 8, generator=g)
+
+
+def test_comfy_backend_describes_the_model_as_diffusers_does(comfy_backend, diffusers_backend):
+    for attribute in ("family", "prediction_type", "latent_downscale", "base_model_version"):
+        assert getattr(comfy_backend, attribute) == getattr(diffusers_backend, attribute), attribute
+    assert (comfy_backend.family, comfy_backend.prediction_type) == ("sd15", "epsilon")
+
+
+def test_alphas_cumprod_match_the_ddpm_scaled_linear_schedule(comfy_backend, diffusers_backend):
+    # SD1.5's schedule written out: betas linear in sqrt between 0.00085 and 0.012 over 1000 steps.
+    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
+    expected = torch.cumprod(1 - betas, dim=0)
+    for backend in (comfy_backend, diffusers_backend):
+        assert backend.alphas_cumprod.shape == (1000,)
+        torch.testing.assert_close(backend.alphas_cumprod.double().cpu(), expected, rtol=0, atol=1e-6)
+
+
+def test_ddpm_noisy_latents_are_comfys_scaled_sigma_input(comfy_backend, diffusers_backend, comfy_model):
+    x0, eps = latents_and_noise()
+    ours = add_noise(x0, eps, TIMESTEPS, comfy_backend.alphas_cumprod.cpu())
+    theirs = add_noise(x0, eps, TIMESTEPS, diffusers_backend.alphas_cumprod.cpu())
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6)
+    # ComfyUI's own path: x = x0 + σ·ε, network input x/√(σ² + 1) (model_sampling.calculate_input).
+    sampling = comfy_model[0].get_model_object("model_sampling")
+    sigma = sampling.sigma(TIMESTEPS.float())
+    comfy_input = sampling.calculate_input(sigma, x0 + sigma.reshape(-1, 1, 1, 1) * eps)
+    torch.testing.assert_close(ours, comfy_input, rtol=0, atol=1e-5)
+
+
+def test_text_conditioning_matches(comfy_backend, diffusers_backend):
+    with torch.no_grad():
+        ours, theirs = comfy_backend.encode_text(CAPTIONS), diffusers_backend.encode_text(CAPTIONS)
+    assert ours.hidden.shape == theirs.hidden.shape == (2, 77, 768)
+    assert ours.pooled is None and theirs.pooled is None
+    torch.testing.assert_close(ours.hidden.cpu(), theirs.hidden, rtol=1e-4, atol=1e-4)
+
+
+def test_encode_images_draws_the_same_posterior_sample(comfy_backend, diffusers_backend):
+    pixels = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    ours = comfy_backend.encode_images(pixels, torch.Generator().manual_seed(7))
+    theirs = diffusers_backend.encode_images(pixels, torch.Generator().manual_seed(7))
+    assert ours.shape == theirs.shape == (1, 4, 8, 8)
+    torch.testing.assert_close(ours.cpu(), theirs, rtol=1e-4, atol=1e-4)
+
+
+def test_raw_prediction_matches(comfy_backend, diffusers_backend):
+    x0, eps = latents_and_noise()
+    x_t = add_noise(x0, eps, TIMESTEPS, diffusers_backend.alphas_cumprod)
+    with torch.no_grad():
+        text = diffusers_backend.encode_text(CAPTIONS)  # one conditioning for both: isolates the UNet
+        ours = comfy_backend.predict(x_t, TIMESTEPS, text, None)
+        theirs = diffusers_backend.predict(x_t, TIMESTEPS, text, None)
+    assert ours.shape == theirs.shape == x0.shape
+    assert ours.dtype == torch.float32
+    torch.testing.assert_close(ours.cpu(), theirs, rtol=1e-3, atol=1e-4)
+
+
+def test_training_loss_matches(comfy_backend, diffusers_backend):
+    x0, eps = latents_and_noise()
+    losses = []
+    with torch.no_grad():
+        for backend in (comfy_backend, diffusers_backend):
+            x_t = add_noise(x0, eps, TIMESTEPS, backend.alphas_cumprod.cpu())
+            pred = backend.predict(x_t, TIMESTEPS, backend.encode_text(CAPTIONS), None).cpu()
+            loss = training_loss(
+                pred, eps, TIMESTEPS, backend.alphas_cumprod.cpu(), backend.prediction_type, LossConfig()
+            )
+            losses.append(float(loss))
+    assert losses[0] == pytest.approx(losses[1], rel=1e-4)
+    assert losses[0] > 0.1  # a random UNet is far from predicting the noise

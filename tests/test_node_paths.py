@@ -1,0 +1,86 @@
+"""Widget inputs never reach outside ComfyUI's input/ and models/loras/ folders."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load_paths_module():
+    """nodes/paths.py imports the core relatively (as inside ComfyUI): load it as part of a package."""
+    spec = importlib.util.spec_from_file_location(
+        "lora_pack", ROOT / "__init__.py", submodule_search_locations=[str(ROOT)]
+    )
+    package = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("lora_pack", package)
+    import importlib as il
+
+    return il.import_module("lora_pack.nodes.paths")
+
+
+paths = _load_paths_module()
+ConfigError = paths.ConfigError  # the pack's own copy of the core (imported relatively, as in ComfyUI)
+
+TRAVERSALS = [
+    "../escape",
+    "..",
+    "a/../../b",
+    "/etc/passwd",
+    "C:\\Windows\\x",
+    "sub/dir",
+    "sub\\dir",
+    "~root",
+    ".hidden",
+    "",
+    " leading-space",
+    "name\x00null",
+    "a" * 200,
+    "..\\..\\x",
+    "%2e%2e%2fetc",
+]
+
+
+@pytest.mark.parametrize("name", TRAVERSALS)
+def test_save_name_traversals_are_refused(tmp_path, name):
+    with pytest.raises(ConfigError, match="lora_name"):
+        paths.lora_save_path(tmp_path, name)
+
+
+@pytest.mark.parametrize("name", TRAVERSALS)
+def test_dataset_folder_traversals_are_refused(tmp_path, name):
+    with pytest.raises(ConfigError, match="Load Dataset"):
+        paths.resolve_dataset_folder(tmp_path, name)
+
+
+def test_plain_names_resolve_inside_the_root(tmp_path):
+    assert paths.lora_save_path(tmp_path, "my lora_v2.1") == tmp_path.resolve() / "my lora_v2.1.safetensors"
+    assert paths.lora_save_path(tmp_path, "x.safetensors") == tmp_path.resolve() / "x.safetensors"
+    (tmp_path / "cats").mkdir()
+    assert paths.resolve_dataset_folder(tmp_path, "cats") == tmp_path.resolve() / "cats"
+
+
+def test_links_out_of_the_root_are_refused(tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "link").symlink_to(outside)
+    (root / "evil.safetensors").symlink_to(outside / "x.safetensors")
+    with pytest.raises(ConfigError, match="links"):
+        paths.resolve_dataset_folder(root, "link")
+    with pytest.raises(ConfigError, match="links"):
+        paths.lora_save_path(root, "evil")
+    assert paths.dataset_folders(root) == []
+
+
+def test_custom_dataset_path_needs_the_server_setting(tmp_path, monkeypatch):
+    monkeypatch.delenv(paths.ALLOW_ANY_DATASET_PATH_ENV, raising=False)
+    with pytest.raises(ConfigError, match=paths.ALLOW_ANY_DATASET_PATH_ENV):
+        paths.resolve_dataset_folder(tmp_path, "x", custom_path=str(tmp_path))
+    monkeypatch.setenv(paths.ALLOW_ANY_DATASET_PATH_ENV, "1")
+    assert paths.resolve_dataset_folder(tmp_path, "x", custom_path=str(tmp_path)) == tmp_path
