@@ -1,0 +1,152 @@
+"""The shipped SD1.5 workflow, run by ComfyUI's own executor on a random-weight SD1.5 checkpoint.
+
+It trains a few steps, saves a kohya LoRA in models/loras/, and the image KSampler
+makes from Train LoRA's MODEL equals the one from LoraLoader + the saved file.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+WORKFLOW = Path(__file__).resolve().parents[2] / "workflows" / "sd15_train_then_sample.json"
+SIZE = 64  # pixels: 8x8 latents keep the full-size UNet fast on a CPU
+
+
+def _training_prompt(comfy, checkpoint_name: str, dataset: Path, lora_name: str) -> dict:
+    prompt = comfy.ui_workflow_to_api_prompt(json.loads(WORKFLOW.read_text()))
+    by_type = {node["class_type"]: node["inputs"] for node in prompt.values()}
+    by_type["CheckpointLoaderSimple"]["ckpt_name"] = checkpoint_name
+    by_type["LoRATrainer_LoadDataset"].update(folder=dataset.name, default_repeats=1)
+    by_type["LoRATrainer_Bucketize"].update(resolution=SIZE, min_bucket_reso=SIZE, max_bucket_reso=2 * SIZE)
+    by_type["LoRATrainer_TrainLoRA"].update(max_train_steps=2, train_batch_size=1, lora_name=lora_name)
+    by_type["EmptyLatentImage"].update(width=SIZE, height=SIZE)
+    by_type["KSampler"].update(steps=2)
+    by_type["SaveImage"]["filename_prefix"] = f"{lora_name}_trained"
+    by_type["LoRATrainer_EMAExport"]["lora_name"] = f"{lora_name}_ema"
+    return prompt
+
+
+def _loraloader_prompt(training_prompt: dict, checkpoint_name: str, lora_file: str, prefix: str) -> dict:
+    """The same sampling graph, but the LoRA comes from LoraLoader on the saved file."""
+    ksampler = next(n for n in training_prompt.values() if n["class_type"] == "KSampler")["inputs"]
+    positive, negative = (training_prompt[ksampler[k][0]]["inputs"]["text"] for k in ("positive", "negative"))
+    return {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": checkpoint_name}},
+        "2": {
+            "class_type": "LoraLoader",
+            "inputs": {
+                "model": ["1", 0],
+                "clip": ["1", 1],
+                "lora_name": lora_file,
+                "strength_model": 1.0,
+                "strength_clip": 1.0,
+            },
+        },
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["2", 1], "text": positive}},
+        "4": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["2", 1], "text": negative}},
+        "5": {"class_type": "EmptyLatentImage", "inputs": {"width": SIZE, "height": SIZE, "batch_size": 1}},
+        "6": {
+            "class_type": "KSampler",
+            "inputs": {
+                **{
+                    k: v
+                    for k, v in ksampler.items()
+                    if k not in ("model", "positive", "negative", "latent_image")
+                },
+                "model": ["2", 0],
+                "positive": ["3", 0],
+                "negative": ["4", 0],
+                "latent_image": ["5", 0],
+            },
+        },
+        "7": {"class_type": "VAEDecode", "inputs": {"samples": ["6", 0], "vae": ["1", 2]}},
+        "8": {"class_type": "SaveImage", "inputs": {"images": ["7", 0], "filename_prefix": prefix}},
+    }
+
+
+def _saved_image(comfy, prefix: str) -> np.ndarray:
+    [path] = sorted(comfy.output_dir().glob(f"{prefix}_*.png"))
+    return np.asarray(Image.open(path))
+
+
+def test_sd15_workflow_trains_saves_and_samples_exactly_like_loraloader(comfy, sd15_checkpoint, tiny_dataset):
+    prompt = _training_prompt(comfy, sd15_checkpoint.name, tiny_dataset, "it_sd15")
+    result = comfy.run_prompt(prompt)
+    assert result.success, result.describe()
+    saved = comfy.models_dir("loras") / "it_sd15.safetensors"
+    assert saved.is_file()
+    assert (comfy.models_dir("loras") / "it_sd15_ema.safetensors").is_file()
+    loss_plot_nodes = [k for k, n in prompt.items() if n["class_type"] == "LoRATrainer_LossPlot"]
+    assert result.outputs[loss_plot_nodes[0]]["images"], "the loss plot shows in the graph"
+
+    with comfy.capture_logs() as messages:
+        again = comfy.run_prompt(
+            _loraloader_prompt(prompt, sd15_checkpoint.name, saved.name, "it_sd15_loader")
+        )
+    assert again.success, again.describe()
+    assert not [m for m in messages if "lora key not loaded" in m or m.startswith("NOT LOADED")], messages
+    trained_image = _saved_image(comfy, "it_sd15_trained")
+    loader_image = _saved_image(comfy, "it_sd15_loader")
+    assert np.array_equal(trained_image, loader_image)
+
+
+def _load_model(checkpoint: Path):
+    import comfy.sd as comfy_sd
+
+    with torch.inference_mode():  # as CheckpointLoaderSimple runs under the executor
+        model, clip, vae, *_ = comfy_sd.load_checkpoint_guess_config(str(checkpoint))
+    return model, clip, vae
+
+
+def _node_graph_values(comfy, model, vae, dataset: Path):
+    nodes = comfy.pack_module("nodes")
+    with torch.inference_mode():
+        data = nodes.LoadDataset.execute(dataset.name, "", ".txt", 1, False, 0, 0.0, 0.0).result[0]
+        buckets = nodes.Bucketize.execute(data, SIZE, SIZE, 2 * SIZE, 64, False, False).result[0]
+        latents = nodes.CacheLatents.execute(buckets, model, vae, "ram").result[0]
+    return nodes, latents
+
+
+def test_cancel_keeps_a_loadable_partial_lora_and_leaves_the_input_model_unchanged(
+    comfy, sd15_checkpoint, tiny_dataset
+):
+    import comfy.model_management as mm
+    import comfy.sd as comfy_sd
+    import comfy.utils as comfy_utils
+
+    model, clip, vae = _load_model(sd15_checkpoint.path)
+    before = {k: v.clone() for k, v in model.model.diffusion_model.state_dict().items()}
+    nodes, latents = _node_graph_values(comfy, model, vae, tiny_dataset)
+    stop_at = 2
+
+    def hook(value, total, preview, node_id=None):
+        if value >= stop_at:
+            mm.interrupt_current_processing(True)
+
+    comfy_utils.set_progress_bar_global_hook(hook)
+    try:
+        with torch.inference_mode():
+            try:
+                nodes.TrainLoRA.execute(model, clip, latents, 10, 1, 1, False, 1, "it_cancel", False, "fp16")
+            except mm.InterruptProcessingException:
+                pass
+            else:
+                raise AssertionError("training was not interrupted")
+    finally:
+        comfy_utils.set_progress_bar_global_hook(None)
+        mm.interrupt_current_processing(False)
+    partial = comfy.models_dir("loras") / "it_cancel-partial.safetensors"
+    assert partial.is_file()
+    assert not (comfy.models_dir("loras") / "it_cancel.safetensors").exists()
+    lora = comfy_utils.load_torch_file(str(partial), safe_load=True)
+    with comfy.capture_logs() as messages:
+        comfy_sd.load_lora_for_models(model, clip, lora, 1.0, 1.0)
+    assert not [m for m in messages if "lora key not loaded" in m], messages
+    after = model.model.diffusion_model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all("forward" not in vars(m) for m in model.model.diffusion_model.modules())
