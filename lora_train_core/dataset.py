@@ -57,6 +57,7 @@ class ImageRecord:
     repeats: int
     subset: str  # the subfolder's name, "" for images directly in the root
     size: tuple[int, int]  # (width, height) after EXIF orientation
+    loss_weight: float = 1.0  # kohya's prior_loss_weight for regularisation images, else 1
 
 
 @dataclass(frozen=True)

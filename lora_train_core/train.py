@@ -108,7 +108,19 @@ class TrainingStopped(Exception):
         self.partial = partial
 
 
-StepCallback = Callable[[int, int, float, float], None]  # (step, total, loss, lr)
+@dataclass(frozen=True)
+class StepReport:
+    """What a step callback sees after each optimiser step; `trained` is the live run."""
+
+    step: int
+    total: int
+    loss: float
+    lr: float
+    epoch: int
+    trained: TrainedLora
+
+
+StepCallback = Callable[[StepReport], None]
 
 
 def total_optimizer_steps(plan: BucketPlan, cfg: TrainConfig) -> tuple[int, int]:
@@ -213,7 +225,8 @@ class _StepRunner:
             result.steps += 1
             result.losses.append(self.pending_loss)
             if on_step:
-                on_step(result.steps, result.total_steps, self.pending_loss, self.scheduler.get_last_lr()[0])
+                lr = self.scheduler.get_last_lr()[0]
+                on_step(StepReport(result.steps, result.total_steps, self.pending_loss, lr, epoch, result))
             self.pending_loss = 0.0
             if result.steps >= result.total_steps:
                 return True
@@ -241,10 +254,23 @@ class _StepRunner:
             text = self._encode_text(captions)
             pred = backend.predict(noisy, timesteps, text, size_cond)
         loss = training_loss(
-            pred, target, timesteps, self.alphas_cumprod, backend.prediction_type, recipe.loss
+            pred,
+            target,
+            timesteps,
+            self.alphas_cumprod,
+            backend.prediction_type,
+            recipe.loss,
+            self._sample_weights(indices),
         )
         self.scaler.scale(loss / recipe.train.gradient_accumulation_steps).backward()
         return loss.detach().item()
+
+    def _sample_weights(self, indices) -> torch.Tensor | None:
+        """Per-sample loss weights (prior_loss_weight on regularisation images); None when all are 1."""
+        weights = [self.dataset.images[i].loss_weight for i in indices]
+        if all(w == 1.0 for w in weights):
+            return None
+        return torch.tensor(weights, dtype=torch.float32, device=self.backend.device)
 
     def _encode_text(self, captions) -> TextConditioning:
         if self.text_encoder_trains != self._text_encoder_was_training:

@@ -22,7 +22,7 @@ from ..lora_train_core.export import next_free_path, save_dtype, save_lora
 from ..lora_train_core.latent_cache import CachedLatents, LatentSample
 from ..lora_train_core.loss_plot import render_loss_plot
 from ..lora_train_core.metadata import training_metadata
-from ..lora_train_core.train import TrainedLora, TrainingRecipe, TrainingStopped, train
+from ..lora_train_core.train import StepReport, TrainedLora, TrainingRecipe, TrainingStopped, train
 from .comfy_backend import ComfyBackend
 from .values import LatentsValue, TrainedValue
 
@@ -71,8 +71,9 @@ class _Progress:
         self.bar: comfy.utils.ProgressBar | None = None
         self.losses: list[float] = []
 
-    def __call__(self, step: int, total: int, loss: float, lr: float) -> None:
+    def __call__(self, report: StepReport) -> None:
         mm.throw_exception_if_processing_interrupted()
+        step, total, loss = report.step, report.total, report.loss
         self.losses.append(loss)
         if self.bar is None:
             self.bar = comfy.utils.ProgressBar(total, node_id=self.node_id)

@@ -96,7 +96,7 @@ def test_gradient_accumulation_counts_optimizer_steps(shapes_dataset):
         plan,
         latents,
         _recipe(max_train_steps=2, gradient_accumulation_steps=2),
-        on_step=lambda step, total, loss, lr: seen.append((step, total)),
+        on_step=lambda report: seen.append((report.step, report.total)),
     )
     assert seen == [(1, 2), (2, 2)]
     assert trained.steps == 2
