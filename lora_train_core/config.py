@@ -29,6 +29,7 @@ from .network import NetworkConfig
 from .noise import NoiseConfig
 from .optim import OptimizerConfig
 from .param_groups import BlockWeights
+from .sampling import SampleConfig
 from .train import TrainConfig, TrainingRecipe
 
 if sys.version_info >= (3, 11):
@@ -70,6 +71,7 @@ class RunConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     recipe: TrainingRecipe = field(default_factory=lambda: TrainingRecipe(TrainConfig()))
+    samples: SampleConfig = field(default_factory=SampleConfig)
 
 
 # section name -> (config class, where it lives in RunConfig)
@@ -87,6 +89,7 @@ SECTIONS: dict[str, type] = {
     "captions": CaptionConfig,
     "ema": EMAConfig,
     "blocks": BlockWeights,
+    "samples": SampleConfig,
 }
 REQUIRED = ("model", "dataset")
 
@@ -133,7 +136,7 @@ def run_config_from_dict(raw: dict[str, Any], base_dir: Path = Path(".")) -> Run
         model=built["model"],
         dataset=built["dataset"],
         recipe=recipe,
-        **{k: built[k] for k in ("buckets", "cache", "output") if k in built},
+        **{k: built[k] for k in ("buckets", "cache", "output", "samples") if k in built},
     )
 
 
