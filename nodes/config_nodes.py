@@ -1,6 +1,13 @@
-"""Configure Noise, Configure Optimizer and Configure Network: each builds one validated core config."""
+"""Configure Noise, Configure Optimizer and Configure Network: each builds validated core configs.
+
+Widget ids are the core config's field names (kohya's option names), so a
+node passes its widgets straight into the dataclass that validates them.
+"""
 
 from __future__ import annotations
+
+import dataclasses
+import re
 
 from comfy_api.v0_0_2 import io
 
@@ -9,7 +16,8 @@ from ..lora_train_core.loss import LossConfig
 from ..lora_train_core.network import NetworkConfig
 from ..lora_train_core.noise import NoiseConfig
 from ..lora_train_core.optim import OPTIMIZERS, OptimizerConfig
-from .values import CATEGORY, LoraNetwork, LoraNoise, LoraOptimizer, NoiseValue
+from ..lora_train_core.param_groups import BlockWeights
+from .values import CATEGORY, LoraNetwork, LoraNoise, LoraOptimizer, NoiseValue, OptimizerValue
 
 SCHEDULERS = [
     "constant",
@@ -22,6 +30,15 @@ SCHEDULERS = [
 ]
 
 
+def _fields(cls, values: dict) -> dict:
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: v for k, v in values.items() if k in names}
+
+
+def _f(name, default, lo, hi, step, tooltip, **extra):
+    return io.Float.Input(name, default=default, min=lo, max=hi, step=step, tooltip=tooltip, **extra)
+
+
 class ConfigureNoise(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -31,26 +48,19 @@ class ConfigureNoise(io.ComfyNode):
             category=f"{CATEGORY}/config",
             description="Noise offset, pyramid noise, timestep range and loss weighting (kohya's options).",
             inputs=[
-                io.Float.Input(
-                    "noise_offset",
-                    default=0.0,
-                    min=0.0,
-                    max=1.0,
-                    step=0.01,
-                    tooltip="Offset noise strength (0.05-0.1 typical; 0 = off).",
-                ),
+                _f("noise_offset", 0.0, 0.0, 1.0, 0.01, "Offset noise strength (0.05-0.1 typical; 0 = off)."),
                 io.Boolean.Input(
                     "noise_offset_random_strength",
                     default=False,
                     tooltip="Scale the offset by U(0,1) each batch.",
                 ),
-                io.Float.Input(
+                _f(
                     "adaptive_noise_scale",
-                    default=0.0,
-                    min=-1.0,
-                    max=1.0,
-                    step=0.01,
-                    tooltip="Adds this x |latent channel mean| to the offset (needs noise_offset).",
+                    0.0,
+                    -1.0,
+                    1.0,
+                    0.01,
+                    "Adds this x |latent channel mean| to the offset (needs noise_offset).",
                 ),
                 io.Int.Input(
                     "multires_noise_iterations",
@@ -59,21 +69,12 @@ class ConfigureNoise(io.ComfyNode):
                     max=10,
                     tooltip="Pyramid noise levels (6-10 typical; 0 = off).",
                 ),
-                io.Float.Input(
-                    "multires_noise_discount",
-                    default=0.3,
-                    min=0.0,
-                    max=1.0,
-                    step=0.01,
-                    tooltip="Weight d^i of pyramid level i.",
-                ),
-                io.Float.Input(
-                    "ip_noise_gamma",
-                    default=0.0,
-                    min=0.0,
-                    max=1.0,
-                    step=0.01,
-                    tooltip="Input perturbation noise (0.1 typical; 0 = off).",
+                _f("multires_noise_discount", 0.3, 0.0, 1.0, 0.01, "Weight d^i of pyramid level i."),
+                _f("ip_noise_gamma", 0.0, 0.0, 1.0, 0.01, "Input perturbation noise (0.1 typical; 0 = off)."),
+                io.Boolean.Input(
+                    "ip_noise_gamma_random_strength",
+                    default=False,
+                    tooltip="Scale ip_noise_gamma by U(0,1) each batch.",
                 ),
                 io.Int.Input(
                     "min_timestep", default=0, min=0, max=1000, tooltip="Smallest timestep sampled."
@@ -81,13 +82,13 @@ class ConfigureNoise(io.ComfyNode):
                 io.Int.Input(
                     "max_timestep", default=1000, min=0, max=1000, tooltip="Timesteps are drawn below this."
                 ),
-                io.Float.Input(
+                _f(
                     "min_snr_gamma",
-                    default=0.0,
-                    min=0.0,
-                    max=20.0,
-                    step=0.5,
-                    tooltip="Min-SNR-gamma loss weighting (5 recommended; 0 = off).",
+                    0.0,
+                    0.0,
+                    20.0,
+                    0.5,
+                    "Min-SNR-gamma loss weighting (5 recommended; 0 = off).",
                 ),
                 io.Combo.Input(
                     "loss_type",
@@ -95,46 +96,48 @@ class ConfigureNoise(io.ComfyNode):
                     default="l2",
                     tooltip="Per-element loss.",
                 ),
+                io.Combo.Input(
+                    "huber_schedule",
+                    options=["snr", "exponential", "constant"],
+                    default="snr",
+                    tooltip="How huber/smooth_l1's c varies with the timestep.",
+                ),
+                _f("huber_c", 0.1, 0.0001, 1.0, 0.01, "huber/smooth_l1 c (kohya huber_c)."),
+                _f("huber_scale", 1.0, 0.0001, 10.0, 0.1, "Scale of c for constant/exponential schedules."),
                 io.Boolean.Input(
                     "debiased_estimation_loss",
                     default=False,
                     tooltip="Weight the loss by 1/sqrt(SNR) (kohya debiased_estimation_loss).",
+                ),
+                io.Boolean.Input(
+                    "scale_v_pred_loss_like_noise_pred",
+                    default=False,
+                    tooltip="v-prediction models only: scale the loss like an epsilon model's.",
+                ),
+                _f(
+                    "v_pred_like_loss",
+                    0.0,
+                    0.0,
+                    10.0,
+                    0.01,
+                    "Epsilon models only: add a v-prediction-like loss term with this weight.",
+                ),
+                io.Boolean.Input(
+                    "zero_terminal_snr",
+                    default=False,
+                    tooltip="v-prediction models only: rescale the schedule to zero terminal SNR.",
                 ),
             ],
             outputs=[LoraNoise.Output(display_name="noise", tooltip="Noise and loss settings.")],
         )
 
     @classmethod
-    def execute(
-        cls,
-        noise_offset,
-        noise_offset_random_strength,
-        adaptive_noise_scale,
-        multires_noise_iterations,
-        multires_noise_discount,
-        ip_noise_gamma,
-        min_timestep,
-        max_timestep,
-        min_snr_gamma,
-        loss_type,
-        debiased_estimation_loss,
-    ) -> io.NodeOutput:
-        noise = NoiseConfig(
-            noise_offset=noise_offset,
-            noise_offset_random_strength=noise_offset_random_strength,
-            adaptive_noise_scale=adaptive_noise_scale,
-            multires_noise_iterations=multires_noise_iterations,
-            multires_noise_discount=multires_noise_discount,
-            ip_noise_gamma=ip_noise_gamma,
-            min_timestep=min_timestep,
-            max_timestep=max_timestep,
+    def execute(cls, **widgets) -> io.NodeOutput:
+        return io.NodeOutput(
+            NoiseValue(
+                NoiseConfig(**_fields(NoiseConfig, widgets)), LossConfig(**_fields(LossConfig, widgets))
+            )
         )
-        loss = LossConfig(
-            loss_type=loss_type,
-            min_snr_gamma=min_snr_gamma,
-            debiased_estimation_loss=debiased_estimation_loss,
-        )
-        return io.NodeOutput(NoiseValue(noise, loss))
 
 
 class ConfigureOptimizer(io.ComfyNode):
@@ -144,7 +147,7 @@ class ConfigureOptimizer(io.ComfyNode):
             node_id="LoRATrainer_ConfigureOptimizer",
             display_name="Configure Optimizer",
             category=f"{CATEGORY}/config",
-            description="Optimiser, learning rates, LR schedule and EMA of the LoRA weights.",
+            description="Optimiser, learning rates, LR schedule, block-wise LR weights and EMA.",
             inputs=[
                 io.Combo.Input(
                     "optimizer_type",
@@ -152,23 +155,24 @@ class ConfigureOptimizer(io.ComfyNode):
                     default="AdamW",
                     tooltip="AdamW (default), Prodigy (use lr 1.0), Lion, Adafactor, 8-bit (CUDA).",
                 ),
-                io.Float.Input(
+                _f(
                     "learning_rate",
-                    default=1e-4,
-                    min=0.0,
-                    max=10.0,
-                    step=1e-5,
+                    1e-4,
+                    0.0,
+                    10.0,
+                    1e-5,
+                    "Base learning rate (1e-4 for AdamW; 1.0 for Prodigy).",
                     round=1e-7,
-                    tooltip="Base learning rate (1e-4 for AdamW; 1.0 for Prodigy).",
                 ),
-                io.Float.Input(
+                _f("unet_lr", 0.0, 0.0, 10.0, 1e-5, "UNet LoRA lr; 0 = learning_rate.", round=1e-7),
+                _f(
                     "text_encoder_lr",
-                    default=0.0,
-                    min=0.0,
-                    max=10.0,
-                    step=1e-5,
+                    0.0,
+                    0.0,
+                    10.0,
+                    1e-5,
+                    "Text-encoder LoRA lr; 0 = learning_rate.",
                     round=1e-7,
-                    tooltip="Text-encoder LoRA lr; 0 = same as learning_rate.",
                 ),
                 io.String.Input(
                     "optimizer_args",
@@ -179,57 +183,117 @@ class ConfigureOptimizer(io.ComfyNode):
                 io.Combo.Input(
                     "lr_scheduler", options=SCHEDULERS, default="constant", tooltip="LR schedule."
                 ),
-                io.Int.Input(
+                _f(
                     "lr_warmup_steps",
+                    0.0,
+                    0.0,
+                    100000.0,
+                    1.0,
+                    "Warm-up: whole steps, or a fraction < 1 of all "
+                    "steps (not with 'constant': use constant_with_warmup).",
+                ),
+                io.Int.Input(
+                    "lr_scheduler_num_cycles",
+                    default=1,
+                    min=1,
+                    max=1000,
+                    tooltip="Restarts of cosine_with_restarts.",
+                ),
+                _f("lr_scheduler_power", 1.0, 0.0, 10.0, 0.1, "Power of the polynomial schedule."),
+                _f("max_grad_norm", 1.0, 0.0, 100.0, 0.1, "Gradient clipping norm (0 = off)."),
+                _f(
+                    "loraplus_lr_ratio",
+                    0.0,
+                    0.0,
+                    64.0,
+                    1.0,
+                    "LoRA+: lora_up weights train at lr x ratio (16 typical; 0 = off).",
+                ),
+                io.Int.Input(
+                    "stop_text_encoder_training",
                     default=0,
                     min=0,
-                    max=100000,
-                    tooltip="Warm-up steps (not with 'constant': use constant_with_warmup).",
+                    max=1_000_000,
+                    tooltip="Text-encoder LoRA stops training after this step (0 = never).",
                 ),
-                io.Float.Input(
-                    "max_grad_norm",
-                    default=1.0,
-                    min=0.0,
-                    max=100.0,
-                    step=0.1,
-                    tooltip="Gradient clipping norm (0 = off).",
+                io.String.Input(
+                    "down_lr_weight",
+                    default="",
+                    tooltip="Block-wise LR weights of the down blocks: "
+                    "numbers separated by commas, or a preset (cosine, sine, linear, "
+                    "reverse_linear, zeros, optionally +base). Empty = off.",
                 ),
-                io.Float.Input(
+                io.String.Input(
+                    "mid_lr_weight", default="", tooltip="LR weight of the mid block(s). Empty = off."
+                ),
+                io.String.Input(
+                    "up_lr_weight", default="", tooltip="Block-wise LR weights of the up blocks."
+                ),
+                _f(
+                    "block_lr_zero_threshold",
+                    0.0,
+                    0.0,
+                    1.0,
+                    0.01,
+                    "Blocks weighted at or below this do not train.",
+                ),
+                _f(
                     "ema_decay",
-                    default=0.0,
-                    min=0.0,
-                    max=0.99999,
-                    step=0.0001,
+                    0.0,
+                    0.0,
+                    0.99999,
+                    0.0001,
+                    "Keep an EMA of the LoRA weights with this decay (0.999 typical; 0 = off).",
                     round=1e-5,
-                    tooltip="Keep an EMA of the LoRA weights with this decay (0.999 typical; 0 = off).",
                 ),
+                io.Int.Input(
+                    "ema_update_every",
+                    default=1,
+                    min=1,
+                    max=1000,
+                    tooltip="Update the EMA every N optimiser steps.",
+                ),
+                io.Boolean.Input("ema_on_cpu", default=False, tooltip="Keep the EMA weights in CPU memory."),
             ],
             outputs=[LoraOptimizer.Output(display_name="optimizer", tooltip="Optimiser settings.")],
         )
 
     @classmethod
-    def execute(
-        cls,
-        optimizer_type,
-        learning_rate,
-        text_encoder_lr,
-        optimizer_args,
-        lr_scheduler,
-        lr_warmup_steps,
-        max_grad_norm,
-        ema_decay,
-    ) -> io.NodeOutput:
+    def execute(cls, **w) -> io.NodeOutput:
         optimizer = OptimizerConfig(
-            optimizer_type=optimizer_type,
-            learning_rate=learning_rate,
-            text_encoder_lr=(text_encoder_lr,) if text_encoder_lr > 0 else None,
-            optimizer_args=tuple(optimizer_args.split()),
-            lr_scheduler=lr_scheduler,
-            lr_warmup_steps=lr_warmup_steps,
-            max_grad_norm=max_grad_norm,
+            **{
+                **_fields(OptimizerConfig, w),
+                "unet_lr": w["unet_lr"] or None,
+                "text_encoder_lr": (w["text_encoder_lr"],) if w["text_encoder_lr"] > 0 else None,
+                "optimizer_args": tuple(w["optimizer_args"].split()),
+                "lr_warmup_steps": int(w["lr_warmup_steps"])
+                if w["lr_warmup_steps"] >= 1
+                else w["lr_warmup_steps"],
+            }
         )
-        ema = EMAConfig(enabled=True, decay=ema_decay) if ema_decay > 0 else EMAConfig()
-        return io.NodeOutput((optimizer, ema))
+        blocks = BlockWeights(
+            down_lr_weight=_block_weights(w["down_lr_weight"]),
+            mid_lr_weight=_block_weights(w["mid_lr_weight"]),
+            up_lr_weight=_block_weights(w["up_lr_weight"]),
+            block_lr_zero_threshold=w["block_lr_zero_threshold"],
+        )
+        ema = EMAConfig(
+            enabled=w["ema_decay"] > 0,
+            decay=w["ema_decay"] or EMAConfig.decay,
+            update_every=w["ema_update_every"],
+            device="cpu" if w["ema_on_cpu"] else "same",
+        )
+        return io.NodeOutput(OptimizerValue(optimizer, ema, blocks if blocks.is_set else None))
+
+
+def _block_weights(text: str) -> tuple[float, ...] | str | None:
+    """ "1, 0.5, 0" → (1.0, 0.5, 0.0); a preset name passes through to BlockWeights; "" → None."""
+    text = text.strip()
+    if not text:
+        return None
+    if re.fullmatch(r"[0-9.,\s+-]+", text):
+        return tuple(float(v) for v in text.split(",") if v.strip())
+    return text
 
 
 class ConfigureNetwork(io.ComfyNode):
@@ -242,14 +306,7 @@ class ConfigureNetwork(io.ComfyNode):
             description="LoRA rank, alpha, conv layers, dropouts and which parts train.",
             inputs=[
                 io.Int.Input("network_dim", default=16, min=1, max=1024, tooltip="LoRA rank."),
-                io.Float.Input(
-                    "network_alpha",
-                    default=8.0,
-                    min=0.0,
-                    max=1024.0,
-                    step=0.5,
-                    tooltip="Scale is alpha/rank (0 = rank).",
-                ),
+                _f("network_alpha", 8.0, 0.0, 1024.0, 0.5, "Scale is alpha/rank (0 = rank)."),
                 io.Int.Input(
                     "conv_dim",
                     default=0,
@@ -257,33 +314,10 @@ class ConfigureNetwork(io.ComfyNode):
                     max=1024,
                     tooltip="Rank for 3x3 ResNet convolutions (0 = off).",
                 ),
-                io.Float.Input(
-                    "conv_alpha", default=1.0, min=0.0, max=1024.0, step=0.5, tooltip="Conv alpha."
-                ),
-                io.Float.Input(
-                    "network_dropout",
-                    default=0.0,
-                    min=0.0,
-                    max=0.99,
-                    step=0.01,
-                    tooltip="Dropout on the LoRA down projection's output.",
-                ),
-                io.Float.Input(
-                    "rank_dropout",
-                    default=0.0,
-                    min=0.0,
-                    max=0.99,
-                    step=0.01,
-                    tooltip="Drop whole ranks per sample (rescaled).",
-                ),
-                io.Float.Input(
-                    "module_dropout",
-                    default=0.0,
-                    min=0.0,
-                    max=0.99,
-                    step=0.01,
-                    tooltip="Skip a whole LoRA module with this probability.",
-                ),
+                _f("conv_alpha", 1.0, 0.0, 1024.0, 0.5, "Conv alpha."),
+                _f("network_dropout", 0.0, 0.0, 0.99, 0.01, "Dropout on the LoRA down projection's output."),
+                _f("rank_dropout", 0.0, 0.0, 0.99, 0.01, "Drop whole ranks per sample (rescaled)."),
+                _f("module_dropout", 0.0, 0.0, 0.99, 0.01, "Skip a whole LoRA module with this probability."),
                 io.Boolean.Input(
                     "train_text_encoder",
                     default=False,
@@ -295,26 +329,5 @@ class ConfigureNetwork(io.ComfyNode):
         )
 
     @classmethod
-    def execute(
-        cls,
-        network_dim,
-        network_alpha,
-        conv_dim,
-        conv_alpha,
-        network_dropout,
-        rank_dropout,
-        module_dropout,
-        train_text_encoder,
-    ) -> io.NodeOutput:
-        return io.NodeOutput(
-            NetworkConfig(
-                network_dim=network_dim,
-                network_alpha=network_alpha,
-                conv_dim=conv_dim,
-                conv_alpha=conv_alpha,
-                network_dropout=network_dropout,
-                rank_dropout=rank_dropout,
-                module_dropout=module_dropout,
-                train_text_encoder=train_text_encoder,
-            )
-        )
+    def execute(cls, **widgets) -> io.NodeOutput:
+        return io.NodeOutput(NetworkConfig(**widgets))

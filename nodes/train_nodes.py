@@ -19,7 +19,7 @@ from ..lora_train_core.optim import OptimizerConfig
 from ..lora_train_core.train import TrainConfig, TrainingRecipe
 from .comfy_training import train_lora_in_comfy
 from .paths import lora_save_path
-from .values import CATEGORY, LoraLatents, LoraNetwork, LoraNoise, LoraOptimizer, LoraTrained
+from .values import CATEGORY, LoraLatents, LoraNetwork, LoraNoise, LoraOptimizer, LoraTrained, OptimizerValue
 
 PRECISIONS = list(SAVE_DTYPES)
 
@@ -127,7 +127,7 @@ class TrainLoRA(io.ComfyNode):
         optimizer=None,
         noise=None,
     ) -> io.NodeOutput:
-        optimizer_cfg, ema_cfg = optimizer or (OptimizerConfig(), EMAConfig())
+        optimizer = optimizer or OptimizerValue(OptimizerConfig(), EMAConfig(), None)
         recipe = TrainingRecipe(
             train=TrainConfig(
                 max_train_steps=max_train_steps,
@@ -138,11 +138,12 @@ class TrainLoRA(io.ComfyNode):
                 mixed_precision=_mixed_precision(model),
             ),
             network=network or NetworkConfig(network_dim=16, network_alpha=8.0, train_text_encoder=False),
-            optimizer=optimizer_cfg,
+            optimizer=optimizer.optimizer,
             noise=noise.noise if noise else NoiseConfig(),
             loss=noise.loss if noise else LossConfig(),
             captions=latents.buckets.data.captions,
-            ema=ema_cfg,
+            ema=optimizer.ema,
+            blocks=optimizer.blocks,
         )
         save_path = _free_save_path(lora_name, overwrite)
         trained, model_out, clip_out = train_lora_in_comfy(

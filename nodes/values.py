@@ -14,9 +14,12 @@ from comfy_api.v0_0_2 import io
 from ..lora_train_core.buckets import BucketPlan
 from ..lora_train_core.captions import CaptionConfig
 from ..lora_train_core.dataset import Dataset
+from ..lora_train_core.ema import EMAConfig
 from ..lora_train_core.latent_cache import CachedLatents, OnTheFlyLatents
 from ..lora_train_core.loss import LossConfig
 from ..lora_train_core.noise import NoiseConfig
+from ..lora_train_core.optim import OptimizerConfig
+from ..lora_train_core.param_groups import BlockWeights
 from ..lora_train_core.train import TrainedLora
 
 LoraDataset = io.Custom("LORA_DATASET")
@@ -52,6 +55,13 @@ class LatentsValue:
 class NoiseValue:
     noise: NoiseConfig
     loss: LossConfig
+
+
+@dataclass(frozen=True)
+class OptimizerValue:
+    optimizer: OptimizerConfig
+    ema: EMAConfig
+    blocks: BlockWeights | None
 
 
 @dataclass(frozen=True)
