@@ -11,6 +11,7 @@ loss plot) and Cancel is checked every step, keeping a partial LoRA.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import comfy.model_management as mm
@@ -38,6 +39,7 @@ def train_lora_in_comfy(
     save_path: Path,
     save_precision: str,
     node_id: str | None,
+    also_on_step: Sequence[Callable[[StepReport], None]] = (),
 ):
     """Train, save to `save_path` (a free name), and return (TrainedValue, MODEL, CLIP) carrying the LoRA."""
     buckets = latents.buckets
@@ -45,7 +47,7 @@ def train_lora_in_comfy(
     with torch.inference_mode(False), torch.enable_grad():
         backend = ComfyBackend(model, clip)
         backend.prepare_for_training()
-        progress = _Progress(node_id)
+        progress = _Progress(node_id, also_on_step)
         try:
             trained = train(backend, dataset, plan, _trainable(latents.latents), recipe, on_step=progress)
         except TrainingStopped as stop:
@@ -66,8 +68,8 @@ def train_lora_in_comfy(
 class _Progress:
     """Step callback: Cancel check, ProgressBar with the loss, a live loss-plot preview."""
 
-    def __init__(self, node_id: str | None):
-        self.node_id = node_id
+    def __init__(self, node_id: str | None, also: Sequence[Callable[[StepReport], None]] = ()):
+        self.node_id, self.also = node_id, tuple(also)
         self.bar: comfy.utils.ProgressBar | None = None
         self.losses: list[float] = []
 
@@ -82,6 +84,8 @@ class _Progress:
             plot = render_loss_plot(self.losses, title=f"loss {loss:.4f} (step {step}/{total})")
             preview = ("JPEG", plot, 512)
         self.bar.update_absolute(step, total, preview)
+        for callback in self.also:
+            callback(report)
 
 
 def _trainable(latents):

@@ -10,6 +10,7 @@ import torch
 from comfy_api.v0_0_2 import io, ui
 
 from ..lora_train_core.ema import EMAConfig
+from ..lora_train_core.errors import ConfigError
 from ..lora_train_core.export import SAVE_DTYPES, next_free_path, save_dtype, save_lora
 from ..lora_train_core.loss import LossConfig
 from ..lora_train_core.loss_plot import render_loss_plot
@@ -17,6 +18,7 @@ from ..lora_train_core.network import NetworkConfig
 from ..lora_train_core.noise import NoiseConfig
 from ..lora_train_core.optim import OptimizerConfig
 from ..lora_train_core.train import TrainConfig, TrainingRecipe
+from .comfy_sampling import ComfySampleCallback, parse_prompts
 from .comfy_training import train_lora_in_comfy
 from .paths import lora_save_path
 from .values import CATEGORY, LoraLatents, LoraNetwork, LoraNoise, LoraOptimizer, LoraTrained, OptimizerValue
@@ -84,6 +86,22 @@ class TrainLoRA(io.ComfyNode):
                     "overwrite", default=False, tooltip="Replace an existing file of that name."
                 ),
                 io.Combo.Input("save_precision", options=PRECISIONS, default="fp16", tooltip="Saved dtype."),
+                io.String.Input(
+                    "sample_prompts",
+                    default="",
+                    multiline=True,
+                    tooltip="Validation prompts, one "
+                    "per line, kohya options: a cat --n blurry --w 512 --h 512 --d 1 --s 20 --l 7 "
+                    "(needs the VAE input). Empty = no samples.",
+                ),
+                io.Int.Input(
+                    "sample_every_n_steps",
+                    default=0,
+                    min=0,
+                    max=1_000_000,
+                    tooltip="Sample every N steps (0 = only at the end).",
+                ),
+                io.Vae.Input("vae", optional=True, tooltip="The checkpoint's VAE, for validation samples."),
                 LoraNetwork.Input(
                     "network",
                     optional=True,
@@ -105,6 +123,10 @@ class TrainLoRA(io.ComfyNode):
                 io.Clip.Output(display_name="CLIP", tooltip="The input CLIP with the LoRA applied."),
                 LoraTrained.Output(display_name="trained", tooltip="For EMA Export and Loss Plot."),
                 io.String.Output(display_name="lora_path", tooltip="Where the LoRA was saved."),
+                io.Image.Output(
+                    display_name="samples",
+                    tooltip="Validation samples: one row per checkpoint, one column per prompt.",
+                ),
             ],
             hidden=[io.Hidden.unique_id],
         )
@@ -123,6 +145,9 @@ class TrainLoRA(io.ComfyNode):
         lora_name,
         overwrite,
         save_precision,
+        sample_prompts="",
+        sample_every_n_steps=0,
+        vae=None,
         network=None,
         optimizer=None,
         noise=None,
@@ -145,17 +170,24 @@ class TrainLoRA(io.ComfyNode):
             ema=optimizer.ema,
             blocks=optimizer.blocks,
         )
+        prompts = parse_prompts(sample_prompts)
+        if prompts and vae is None:
+            raise ConfigError(
+                "Train LoRA: sample_prompts need the VAE input connected (to decode the samples)"
+            )
+        sampler = ComfySampleCallback(model, clip, vae, prompts, sample_every_n_steps, seed)
         save_path = _free_save_path(lora_name, overwrite)
+        node_id = cls.hidden.unique_id if cls.hidden else None
         trained, model_out, clip_out = train_lora_in_comfy(
-            model,
-            clip,
-            latents,
-            recipe,
-            save_path,
-            save_precision,
-            cls.hidden.unique_id if cls.hidden else None,
+            model, clip, latents, recipe, save_path, save_precision, node_id, also_on_step=[sampler]
         )
-        return io.NodeOutput(model_out, clip_out, trained, str(save_path))
+        grid = sampler.grid() or render_loss_plot([], title="no sample prompts given")
+        return io.NodeOutput(model_out, clip_out, trained, str(save_path), _image_tensor(grid))
+
+
+def _image_tensor(picture) -> torch.Tensor:
+    """A PIL image as ComfyUI's IMAGE: (1, H, W, 3) float in 0..1."""
+    return torch.from_numpy(np.asarray(picture.convert("RGB"), dtype=np.float32) / 255.0)[None]
 
 
 def _mixed_precision(model) -> str:
@@ -219,6 +251,5 @@ class LossPlot(io.ComfyNode):
 
     @classmethod
     def execute(cls, trained) -> io.NodeOutput:
-        picture = render_loss_plot(trained.trained.losses)
-        image = torch.from_numpy(np.asarray(picture, dtype=np.float32) / 255.0)[None]
+        image = _image_tensor(render_loss_plot(trained.trained.losses))
         return io.NodeOutput(image, ui=ui.PreviewImage(image, cls=cls))
