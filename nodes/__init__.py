@@ -9,6 +9,7 @@ from comfy_api.v0_0_2 import ComfyExtension, io
 
 from .config_nodes import ConfigureNetwork, ConfigureNoise, ConfigureOptimizer
 from .dataset_nodes import Bucketize, CacheLatents, LoadDataset
+from .merge_nodes import MergeLoRAs
 from .train_nodes import EMAExport, LossPlot, TrainLoRA
 
 NODES: list[type[io.ComfyNode]] = [
@@ -21,6 +22,7 @@ NODES: list[type[io.ComfyNode]] = [
     TrainLoRA,
     EMAExport,
     LossPlot,
+    MergeLoRAs,
 ]
 
 
