@@ -8,6 +8,13 @@ Other subfolders are skipped with a warning, as kohya does. Hidden entries
 (names starting with ".", e.g. a `.latent_cache` folder or macOS `._x.jpg`
 files) are not part of the dataset.
 
+Regularisation (class) images for prior preservation (kohya `reg_data_dir`) come
+from a second folder of the same layout. They join the same Dataset, marked
+`is_reg`, weighted by `prior_loss_weight`, and repeated as kohya balances them
+against the training images (regularization.py), so buckets, the latent cache
+and the trainer need nothing special for them ("Reg and train images share
+buckets").
+
 Every image is decoded once here, so a corrupt file is reported before
 training starts; all problems are collected into one DatasetError.
 """
@@ -16,11 +23,12 @@ from __future__ import annotations
 
 import logging
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from .errors import ConfigError, DatasetError, check_int
+from .errors import ConfigError, DatasetError, check_int, check_range
 from .images import DECODE_ERRORS, IMAGE_EXTENSIONS, open_image, oriented_size
+from .regularization import balance_regularization
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +44,9 @@ class DatasetConfig:
 
     path: Path  # the image folder
     caption_extension: str = ".txt"  # kohya's default is ".caption"
-    default_repeats: int = 1  # for images directly in `path`
+    default_repeats: int = 1  # for images directly in `path` (and in `reg_path`)
+    reg_path: Path | None = None  # regularisation (class) images, same N_name layout (kohya reg_data_dir)
+    prior_loss_weight: float = 1.0  # loss weight of regularisation images (kohya prior_loss_weight)
 
     def __post_init__(self):
         object.__setattr__(self, "path", Path(self.path))
@@ -48,6 +58,24 @@ class DatasetConfig:
                 f"dataset.caption_extension: {ext!r} is an image extension; use a text one such as '.txt'"
             )
         check_int("dataset.default_repeats", self.default_repeats, 1, hint="repeats per epoch, usually 1")
+        self._check_regularization()
+
+    def _check_regularization(self) -> None:
+        check_range("dataset.prior_loss_weight", self.prior_loss_weight, 0, hint="kohya's default is 1.0")
+        if self.reg_path is None:
+            if self.prior_loss_weight != 1.0:
+                raise ConfigError(
+                    f"dataset.prior_loss_weight: {self.prior_loss_weight!r} weights regularisation images, "
+                    "but dataset.reg_path is not set; set reg_path or remove prior_loss_weight"
+                )
+            return
+        object.__setattr__(self, "reg_path", Path(self.reg_path))
+        train, reg = self.path.resolve(), self.reg_path.resolve()
+        if reg == train or train in reg.parents or reg in train.parents:
+            raise ConfigError(
+                f"dataset.reg_path: {str(self.reg_path)!r} overlaps the training folder "
+                f"{str(self.path)!r}; give a separate folder of class images"
+            )
 
 
 @dataclass(frozen=True)
@@ -58,13 +86,19 @@ class ImageRecord:
     subset: str  # the subfolder's name, "" for images directly in the root
     size: tuple[int, int]  # (width, height) after EXIF orientation
     loss_weight: float = 1.0  # kohya's prior_loss_weight for regularisation images, else 1
+    is_reg: bool = False  # a regularisation (class) image from dataset.reg_path
 
 
 @dataclass(frozen=True)
 class Dataset:
+    """What trains: `images` holds the training images, then the regularisation images
+    in use, each with its balanced repeats. `reg_images` lists every regularisation
+    image found, with its folder's repeats (kohya's metadata counts them so)."""
+
     root: Path
     images: tuple[ImageRecord, ...]
     skipped: tuple[str, ...]  # one message per skipped folder
+    reg_images: tuple[ImageRecord, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -76,19 +110,54 @@ class _Subset:
 
 
 def load_dataset(cfg: DatasetConfig) -> Dataset:
-    """Scan, caption and validate the folder; sorted by subset, then file name.
+    """Scan, caption and validate the folder(s); each sorted by subset, then file name.
 
     Raises DatasetError for a missing folder, a folder without images, or a
-    list of every unusable image and caption file, each with its fix.
+    list of every unusable image and caption file (of both folders), each with its fix.
     """
-    root = cfg.path
+    train, skipped, problems = _scan(cfg.path, cfg, is_reg=False)
+    reg: list[ImageRecord] = []
+    if cfg.reg_path is not None:
+        reg, reg_skipped, reg_problems = _scan(cfg.reg_path, cfg, is_reg=True)
+        skipped += reg_skipped
+        problems += reg_problems
+    if problems:
+        raise DatasetError(
+            f"{cfg.path}: {len(problems)} problem(s) in the dataset; fix them and run again", problems
+        )
+    _require_images(
+        cfg.path, train, skipped, "put images in the folder or in N_name subfolders (e.g. 10_mychar)"
+    )
+    if cfg.reg_path is not None:
+        _require_images(
+            cfg.reg_path,
+            reg,
+            skipped,
+            "put class images in it or in N_name subfolders, or unset dataset.reg_path",
+        )
+    return Dataset(cfg.path, (*train, *_balanced(train, reg)), tuple(skipped), tuple(reg))
+
+
+def _balanced(train: list[ImageRecord], reg: list[ImageRecord]) -> list[ImageRecord]:
+    """The regularisation images in use, each with kohya's balanced repeats (unused ones dropped)."""
+    used = balance_regularization(sum(r.repeats for r in train), [(r, r.repeats) for r in reg])
+    counts: dict[ImageRecord, int] = {}
+    for record in used:  # copies of one image are adjacent, in registration order
+        counts[record] = counts.get(record, 0) + 1
+    return [replace(record, repeats=n) for record, n in counts.items()]
+
+
+def _scan(root: Path, cfg: DatasetConfig, is_reg: bool) -> tuple[list[ImageRecord], list[str], list[str]]:
+    """(records, skipped folders, problems) of one folder in the N_name layout."""
+    field = "dataset.reg_path" if is_reg else "dataset.path"
     if not root.is_dir():
         what = "is not a folder" if root.exists() else "does not exist"
-        raise DatasetError(f"{root}: the dataset folder {what} — check dataset.path")
+        kind = "regularisation" if is_reg else "dataset"
+        raise DatasetError(f"{root}: the {kind} folder {what} — check {field}")
     subsets, skipped = _find_subsets(root, cfg.default_repeats)
     for message in skipped:
         log.warning(message)
-
+    weight = cfg.prior_loss_weight if is_reg else 1.0
     records: list[ImageRecord] = []
     problems: list[str] = []
     for subset in subsets:
@@ -98,18 +167,14 @@ def load_dataset(cfg: DatasetConfig) -> Dataset:
         for path in paths:
             size = _check_image(path, problems)
             caption = _read_caption(path.with_name(path.stem + cfg.caption_extension), subset, problems)
-            records.append(ImageRecord(path, caption, subset.repeats, subset.name, size))
-    if problems:
-        raise DatasetError(
-            f"{root}: {len(problems)} problem(s) in the dataset; fix them and run again", problems
-        )
+            records.append(ImageRecord(path, caption, subset.repeats, subset.name, size, weight, is_reg))
+    return records, skipped, problems
+
+
+def _require_images(root: Path, records: list[ImageRecord], skipped: list[str], fix: str) -> None:
     if not records:
         note = f" Skipped: {'; '.join(skipped)}" if skipped else ""
-        raise DatasetError(
-            f"{root}: no images found ({_accepted()}) — put images in the folder or in N_name "
-            f"subfolders (e.g. 10_mychar).{note}"
-        )
-    return Dataset(root, tuple(records), tuple(skipped))
+        raise DatasetError(f"{root}: no images found ({_accepted()}) — {fix}.{note}")
 
 
 def _find_subsets(root: Path, default_repeats: int) -> tuple[list[_Subset], list[str]]:

@@ -31,13 +31,19 @@ CACHE_FORMAT = "lora_train_core.latents.v1"
 
 @dataclass(frozen=True)
 class CacheConfig:
-    """[cache] section. mode: "ram" or "disk" (encode once), or "none" (encode every step)."""
+    """[cache] section. mode: "ram" or "disk" (encode once), or "none" (encode every step).
+
+    text_encoder_outputs: the same choice for text-encoder outputs (text_cache.py); only
+    possible while the text encoder is frozen and captions do not change per step.
+    """
 
     mode: str = "ram"
     cache_dir: Path | None = None  # disk mode; default: <dataset>/.latent_cache
+    text_encoder_outputs: str = "none"  # none, ram, disk (kohya cache_text_encoder_outputs[_to_disk])
 
     def __post_init__(self):
         check_choice("cache.mode", self.mode, ("ram", "disk", "none"))
+        check_choice("cache.text_encoder_outputs", self.text_encoder_outputs, ("none", "ram", "disk"))
         if self.cache_dir is not None:
             object.__setattr__(self, "cache_dir", Path(self.cache_dir))
 

@@ -9,11 +9,12 @@ import dataclasses
 import json
 import time
 import uuid
+from collections.abc import Iterable
 from typing import Any
 
 from .buckets import BucketPlan
 from .captions import tag_frequency
-from .dataset import Dataset
+from .dataset import Dataset, ImageRecord
 
 MODELSPEC_IMPLEMENTATION = {"sd15": "diffusers", "sdxl": "https://github.com/Stability-AI/generative-models"}
 
@@ -29,17 +30,33 @@ def _s(value: Any) -> str:
 
 
 def dataset_tag_frequency(dataset: Dataset) -> dict[str, dict[str, int]]:
-    """kohya's ss_tag_frequency, per dataset folder."""
+    """kohya's ss_tag_frequency, per folder name: training folders and every
+    regularisation folder (kohya's `set_tag_frequency` runs for reg subsets too, and
+    merges folders of the same name)."""
     by_folder: dict[str, list[str]] = {}
-    for image in dataset.images:
+    for image in (*_training_images(dataset), *dataset.reg_images):
         by_folder.setdefault(image.path.parent.name, []).append(image.caption)
     return tag_frequency(by_folder)
 
 
 def dataset_dirs(dataset: Dataset) -> dict[str, dict[str, int]]:
-    """kohya's ss_dataset_dirs: per folder, its repeats and image count."""
+    """kohya's ss_dataset_dirs: per training folder, its repeats and image count."""
+    return _dirs(_training_images(dataset))
+
+
+def reg_dataset_dirs(dataset: Dataset) -> dict[str, dict[str, int]]:
+    """kohya's ss_reg_dataset_dirs: per regularisation folder, its own repeats (before
+    balancing) and every image in it, used or not."""
+    return _dirs(dataset.reg_images)
+
+
+def _training_images(dataset: Dataset) -> list[ImageRecord]:
+    return [image for image in dataset.images if not image.is_reg]
+
+
+def _dirs(images: Iterable[ImageRecord]) -> dict[str, dict[str, int]]:
     dirs: dict[str, dict[str, int]] = {}
-    for image in dataset.images:
+    for image in images:
         entry = dirs.setdefault(image.path.parent.name, {"n_repeats": image.repeats, "img_count": 0})
         entry["img_count"] += 1
     return dirs
@@ -102,7 +119,10 @@ def training_metadata(
         "ss_steps": steps,
         "ss_epoch": epochs,
         "ss_max_train_steps": total_steps,
-        "ss_num_train_images": sum(img.repeats for img in dataset.images),
+        "ss_num_train_images": sum(img.repeats for img in _training_images(dataset)),
+        # kohya counts reg images with their folder repeats, before balancing.
+        "ss_num_reg_images": sum(img.repeats for img in dataset.reg_images),
+        "ss_prior_loss_weight": dataset.reg_images[0].loss_weight if dataset.reg_images else 1.0,
         "ss_batch_size_per_device": train.train_batch_size,
         "ss_gradient_accumulation_steps": train.gradient_accumulation_steps,
         "ss_gradient_checkpointing": train.gradient_checkpointing,
@@ -116,6 +136,7 @@ def training_metadata(
         "ss_bucket_info": bucket_info(plan),
         "ss_tag_frequency": dataset_tag_frequency(dataset),
         "ss_dataset_dirs": dataset_dirs(dataset),
+        "ss_reg_dataset_dirs": reg_dataset_dirs(dataset),
         "ss_noise_offset": noise.noise_offset,
         "ss_adaptive_noise_scale": noise.adaptive_noise_scale,
         "ss_multires_noise_iterations": noise.multires_noise_iterations,

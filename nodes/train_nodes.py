@@ -74,6 +74,8 @@ class TrainLoRA(io.ComfyNode):
                     default=42,
                     min=0,
                     max=2**63 - 1,
+                    # No randomize-after-queue widget: a new seed would retrain on every queue.
+                    control_after_generate=False,
                     tooltip="Seeds noise, timesteps, captions and the LoRA init: same seed, same result.",
                 ),
                 io.String.Input(

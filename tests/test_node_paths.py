@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -12,15 +13,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _load_paths_module():
-    """nodes/paths.py imports the core relatively (as inside ComfyUI): load it as part of a package."""
-    spec = importlib.util.spec_from_file_location(
-        "lora_pack", ROOT / "__init__.py", submodule_search_locations=[str(ROOT)]
-    )
-    package = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("lora_pack", package)
-    import importlib as il
-
-    return il.import_module("lora_pack.nodes.paths")
+    """nodes/paths.py imports the core relatively, as inside ComfyUI; load it as part of a bare package
+    (without running nodes/__init__.py, which needs ComfyUI)."""
+    for name, folder in (("lora_pack", ROOT), ("lora_pack.nodes", ROOT / "nodes")):
+        package = types.ModuleType(name)
+        package.__path__ = [str(folder)]
+        sys.modules.setdefault(name, package)
+    return importlib.import_module("lora_pack.nodes.paths")
 
 
 paths = _load_paths_module()

@@ -85,6 +85,7 @@ def setup_comfy(comfyui_dir: str | Path, base_dir: str | Path) -> None:
     # main.py imports this before `nodes`: nodes.py puts comfy/ first on sys.path, after which
     # `utils` would be comfy/utils.py.
     import utils.extra_config  # noqa: F401
+
     import nodes
 
     if Path(nodes.__file__).resolve() != comfyui_dir / "nodes.py":
@@ -225,6 +226,7 @@ def run_prompt(prompt: dict, executor=None) -> Result:
     ok, error, outputs, node_errors = asyncio.run(execution.validate_prompt(prompt_id, prompt, None))
     if not ok:
         return Result(False, node_errors=node_errors, error=error)
+    cold = executor is None
     executor = executor or new_executor()
     stub = executor.server
     # Nodes reach the server through PromptServer.instance (progress text, previews).
@@ -239,7 +241,7 @@ def run_prompt(prompt: dict, executor=None) -> Result:
         else:
             del server.PromptServer.instance
     failure = next((data for event, data in executor.status_messages if event == "execution_error"), None)
-    return Result(
+    result = Result(
         executor.success,
         outputs=executor.history_result["outputs"],
         status_messages=list(executor.status_messages),
@@ -247,6 +249,18 @@ def run_prompt(prompt: dict, executor=None) -> Result:
         error=failure,
         server=stub,
     )
+    if cold:  # free the run's models now, not at some later gc: tests load several 4 GB models
+        del executor
+        _release_models()
+    return result
+
+
+def _release_models() -> None:
+    import comfy.model_management as mm
+
+    gc.collect()
+    mm.cleanup_models()
+    mm.soft_empty_cache()
 
 
 def new_executor():
@@ -302,7 +316,7 @@ def _link_row(link) -> list:
     """[id, origin_id, origin_slot, target_id, target_slot, type] from either saved link format."""
     if isinstance(link, dict):
         keys = ("id", "origin_id", "origin_slot", "target_id", "target_slot", "type")
-        return [link[k] for k in keys]
+        return [link.get(k) for k in keys]
     return list(link)
 
 

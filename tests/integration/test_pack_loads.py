@@ -49,9 +49,18 @@ def test_every_trainer_node_input_has_a_tooltip(comfy):
     assert untipped == []
 
 
+def ui_node(node_id: int, kind: str, inputs=(), widgets=()) -> dict:
+    return {"id": node_id, "type": kind, "mode": 0, "inputs": list(inputs), "widgets_values": list(widgets)}
+
+
+def slot(name: str, kind: str, link: int | None = None) -> dict:
+    return {"name": name, "type": kind, "link": link}
+
+
 def core_ui_workflow(ckpt_name: str) -> dict:
     """CheckpointLoaderSimple → CLIPTextEncode ×2 → EmptyLatentImage → KSampler → VAEDecode → SaveImage,
-    as the browser saves it (links table, widgets_values with KSampler's "fixed" control value).
+    as the browser saves it: a links table [id, from node, from slot, to node, to slot, type], and
+    widgets_values in which KSampler's seed is followed by its control_after_generate value.
     """
     links = [
         [1, 4, 0, 3, 0, "MODEL"],
@@ -64,26 +73,23 @@ def core_ui_workflow(ckpt_name: str) -> dict:
         [8, 4, 2, 8, 1, "VAE"],
         [9, 8, 0, 9, 0, "IMAGE"],
     ]
-
-    def slot(name, kind, link=None):
-        return {"name": name, "type": kind, "link": link}
-
+    sampler_inputs = [
+        slot("model", "MODEL", 1),
+        slot("positive", "CONDITIONING", 4),
+        slot("negative", "CONDITIONING", 5),
+        slot("latent_image", "LATENT", 6),
+        {**slot("steps", "INT"), "widget": {"name": "steps"}},  # a widget that could take a link
+    ]
     nodes = [
-        {"id": 4, "type": "CheckpointLoaderSimple", "mode": 0, "inputs": [], "widgets_values": [ckpt_name]},
-        {"id": 6, "type": "CLIPTextEncode", "mode": 0, "inputs": [slot("clip", "CLIP", 2)],
-         "widgets_values": ["a red circle, blue background"]},  # fmt: skip
-        {"id": 7, "type": "CLIPTextEncode", "mode": 0, "inputs": [slot("clip", "CLIP", 3)],
-         "widgets_values": ["blurry"]},  # fmt: skip
-        {"id": 5, "type": "EmptyLatentImage", "mode": 0, "inputs": [], "widgets_values": [64, 64, 1]},
-        {"id": 3, "type": "KSampler", "mode": 0,
-         "inputs": [slot("model", "MODEL", 1), slot("positive", "CONDITIONING", 4),
-                    slot("negative", "CONDITIONING", 5), slot("latent_image", "LATENT", 6),
-                    {**slot("steps", "INT"), "widget": {"name": "steps"}}],
-         "widgets_values": [42, "fixed", 1, 7.5, "euler", "normal", 1.0]},  # fmt: skip
-        {"id": 8, "type": "VAEDecode", "mode": 0, "inputs": [slot("samples", "LATENT", 7), slot("vae", "VAE", 8)]},
-        {"id": 9, "type": "SaveImage", "mode": 0, "inputs": [slot("images", "IMAGE", 9)],
-         "widgets_values": ["harness_check"]},  # fmt: skip
-        {"id": 10, "type": "Note", "mode": 0, "inputs": [], "widgets_values": ["not executed"]},
+        ui_node(4, "CheckpointLoaderSimple", widgets=[ckpt_name]),
+        ui_node(6, "CLIPTextEncode", [slot("clip", "CLIP", 2)], ["a red circle, blue background"]),
+        ui_node(7, "CLIPTextEncode", [slot("clip", "CLIP", 3)], ["blurry"]),
+        ui_node(5, "EmptyLatentImage", widgets=[64, 64, 1]),
+        # cfg 1.0: ComfyUI skips the negative pass, one UNet call per step
+        ui_node(3, "KSampler", sampler_inputs, [42, "fixed", 1, 1.0, "euler", "normal", 0.9]),
+        ui_node(8, "VAEDecode", [slot("samples", "LATENT", 7), slot("vae", "VAE", 8)]),
+        ui_node(9, "SaveImage", [slot("images", "IMAGE", 9)], ["harness_check"]),
+        ui_node(10, "Note", widgets=["not executed"]),
     ]
     return {"last_node_id": 10, "last_link_id": 9, "nodes": nodes, "links": links, "version": 0.4}
 
@@ -92,7 +98,10 @@ def test_ui_workflow_becomes_the_api_prompt(comfy):
     prompt = comfy.ui_workflow_to_api_prompt(core_ui_workflow("model.safetensors"))
     assert prompt == {
         "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "model.safetensors"}},
-        "6": {"class_type": "CLIPTextEncode", "inputs": {"text": "a red circle, blue background", "clip": ["4", 1]}},
+        "6": {
+            "class_type": "CLIPTextEncode",
+            "inputs": {"text": "a red circle, blue background", "clip": ["4", 1]},
+        },
         "7": {"class_type": "CLIPTextEncode", "inputs": {"text": "blurry", "clip": ["4", 1]}},
         "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
         "3": {
@@ -100,10 +109,10 @@ def test_ui_workflow_becomes_the_api_prompt(comfy):
             "inputs": {
                 "seed": 42,
                 "steps": 1,
-                "cfg": 7.5,
+                "cfg": 1.0,
                 "sampler_name": "euler",
                 "scheduler": "normal",
-                "denoise": 1.0,
+                "denoise": 0.9,
                 "model": ["4", 0],
                 "positive": ["6", 0],
                 "negative": ["7", 0],
@@ -117,15 +126,29 @@ def test_ui_workflow_becomes_the_api_prompt(comfy):
 
 def test_ui_workflow_link_replaces_its_widget_value(comfy):
     workflow = core_ui_workflow("model.safetensors")
-    workflow["nodes"].append(
-        {"id": 11, "type": "EmptyLatentImage", "mode": 0, "inputs": [], "widgets_values": [64, 64, 1]}
-    )
+    workflow["nodes"].append(ui_node(11, "EmptyLatentImage", widgets=[64, 64, 1]))
     ksampler = next(n for n in workflow["nodes"] if n["id"] == 3)
     ksampler["inputs"][-1]["link"] = 10  # a (type-wrong, but it only has to be linked) link into `steps`
     workflow["links"].append({"id": 10, "origin_id": 11, "origin_slot": 0, "target_id": 3, "target_slot": 4})
     inputs = comfy.ui_workflow_to_api_prompt(workflow)["3"]["inputs"]
     assert inputs["steps"] == ["11", 0]
-    assert (inputs["seed"], inputs["cfg"]) == (42, 7.5)
+    assert (inputs["seed"], inputs["cfg"], inputs["denoise"]) == (42, 1.0, 0.9)
+
+
+def test_ui_workflow_follows_reroutes_and_reads_primitive_values(comfy):
+    workflow = core_ui_workflow("model.safetensors")
+    by_id = {n["id"]: n for n in workflow["nodes"]}
+    # CLIP reaches node 7 through a Reroute; KSampler's seed comes from a PrimitiveNode.
+    workflow["nodes"].append(ui_node(12, "Reroute", [slot("", "*", 3)]))
+    by_id[7]["inputs"][0]["link"] = 11
+    workflow["links"] += [[3, 4, 1, 12, 0, "CLIP"], [11, 12, 0, 7, 0, "CLIP"], [12, 13, 0, 3, 5, "INT"]]
+    workflow["links"].remove([3, 4, 1, 7, 0, "CLIP"])
+    workflow["nodes"].append(ui_node(13, "PrimitiveNode", widgets=[42, "fixed"]))
+    by_id[3]["inputs"].append({**slot("seed", "INT", 12), "widget": {"name": "seed"}})
+    prompt = comfy.ui_workflow_to_api_prompt(workflow)
+    assert prompt["7"]["inputs"]["clip"] == ["4", 1]
+    assert prompt["3"]["inputs"]["seed"] == 42
+    assert not {"12", "13"} & prompt.keys()
 
 
 @pytest.mark.slow

@@ -28,11 +28,15 @@ def diffusers_backend(sd15_checkpoint):
 @pytest.fixture(scope="module")
 def comfy_model(comfy, sd15_checkpoint):
     """(ModelPatcher, CLIP, VAE) as CheckpointLoaderSimple loads them, but in float32."""
-    import comfy.sd
+    import comfy.sd as comfy_sd  # `as`: a bare `import comfy.sd` would rebind the `comfy` fixture name
 
     fp32 = {"dtype": torch.float32}
-    loaded = comfy.sd.load_checkpoint_guess_config(
-        str(sd15_checkpoint.path), output_vae=True, output_clip=True, model_options=fp32, te_model_options=fp32
+    loaded = comfy_sd.load_checkpoint_guess_config(
+        str(sd15_checkpoint.path),
+        output_vae=True,
+        output_clip=True,
+        model_options=fp32,
+        te_model_options=fp32,
     )
     return loaded[:3]
 
@@ -92,28 +96,29 @@ def test_encode_images_draws_the_same_posterior_sample(comfy_backend, diffusers_
     torch.testing.assert_close(ours.cpu(), theirs, rtol=1e-4, atol=1e-4)
 
 
-def test_raw_prediction_matches(comfy_backend, diffusers_backend):
+@pytest.fixture(scope="module")
+def predictions(comfy_backend, diffusers_backend):
+    """Each backend end to end: its own ā for x_t, its own text encoding, its own predict."""
     x0, eps = latents_and_noise()
-    x_t = add_noise(x0, eps, TIMESTEPS, diffusers_backend.alphas_cumprod)
+    out = {}
     with torch.no_grad():
-        text = diffusers_backend.encode_text(CAPTIONS)  # one conditioning for both: isolates the UNet
-        ours = comfy_backend.predict(x_t, TIMESTEPS, text, None)
-        theirs = diffusers_backend.predict(x_t, TIMESTEPS, text, None)
-    assert ours.shape == theirs.shape == x0.shape
+        for name, backend in (("comfy", comfy_backend), ("diffusers", diffusers_backend)):
+            alphas = backend.alphas_cumprod.cpu()
+            x_t = add_noise(x0, eps, TIMESTEPS, alphas)
+            pred = backend.predict(x_t, TIMESTEPS, backend.encode_text(CAPTIONS), None)
+            loss = training_loss(pred.cpu(), eps, TIMESTEPS, alphas, backend.prediction_type, LossConfig())
+            out[name] = (pred.cpu(), float(loss))
+    return out
+
+
+def test_raw_prediction_matches(predictions):
+    (ours, _), (theirs, _) = predictions["comfy"], predictions["diffusers"]
+    assert ours.shape == theirs.shape == (2, 4, 8, 8)
     assert ours.dtype == torch.float32
-    torch.testing.assert_close(ours.cpu(), theirs, rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(ours, theirs, rtol=1e-3, atol=1e-4)
 
 
-def test_training_loss_matches(comfy_backend, diffusers_backend):
-    x0, eps = latents_and_noise()
-    losses = []
-    with torch.no_grad():
-        for backend in (comfy_backend, diffusers_backend):
-            x_t = add_noise(x0, eps, TIMESTEPS, backend.alphas_cumprod.cpu())
-            pred = backend.predict(x_t, TIMESTEPS, backend.encode_text(CAPTIONS), None).cpu()
-            loss = training_loss(
-                pred, eps, TIMESTEPS, backend.alphas_cumprod.cpu(), backend.prediction_type, LossConfig()
-            )
-            losses.append(float(loss))
-    assert losses[0] == pytest.approx(losses[1], rel=1e-4)
-    assert losses[0] > 0.1  # a random UNet is far from predicting the noise
+def test_training_loss_matches(predictions):
+    (_, ours), (_, theirs) = predictions["comfy"], predictions["diffusers"]
+    assert ours == pytest.approx(theirs, rel=1e-4)
+    assert ours > 0.1  # a random UNet is far from predicting the noise: the loss is not trivially equal
