@@ -20,9 +20,10 @@ import comfy.utils
 import torch
 
 from ..lora_train_core.export import next_free_path, save_dtype, save_lora
-from ..lora_train_core.latent_cache import CachedLatents, LatentSample
+from ..lora_train_core.latent_cache import CacheConfig, CachedLatents, LatentSample
 from ..lora_train_core.loss_plot import render_loss_plot
 from ..lora_train_core.metadata import training_metadata
+from ..lora_train_core.text_cache import maybe_cache_text
 from ..lora_train_core.train import StepReport, TrainedLora, TrainingRecipe, TrainingStopped, train
 from .comfy_backend import ComfyBackend
 from .values import LatentsValue, TrainedValue
@@ -40,6 +41,7 @@ def train_lora_in_comfy(
     save_precision: str,
     node_id: str | None,
     also_on_step: Sequence[Callable[[StepReport], None]] = (),
+    cache_text: bool = False,
 ):
     """Train, save to `save_path` (a free name), and return (TrainedValue, MODEL, CLIP) carrying the LoRA."""
     buckets = latents.buckets
@@ -47,6 +49,8 @@ def train_lora_in_comfy(
     with torch.inference_mode(False), torch.enable_grad():
         backend = ComfyBackend(model, clip)
         backend.prepare_for_training()
+        text_cache = CacheConfig(text_encoder_outputs="ram" if cache_text else "none")
+        backend = maybe_cache_text(backend, dataset, text_cache, recipe)
         progress = _Progress(node_id, also_on_step)
         try:
             trained = train(backend, dataset, plan, _trainable(latents.latents), recipe, on_step=progress)

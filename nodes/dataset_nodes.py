@@ -15,6 +15,8 @@ from .comfy_backend import ComfyBackend
 from .paths import dataset_folders, resolve_dataset_folder
 from .values import CATEGORY, BucketsValue, DatasetValue, LatentsValue, LoraBuckets, LoraDataset, LoraLatents
 
+NO_FOLDER = "(none)"
+
 
 class LoadDataset(io.ComfyNode):
     @classmethod
@@ -78,6 +80,21 @@ class LoadDataset(io.ComfyNode):
                     step=0.01,
                     tooltip="Probability of dropping each non-kept tag.",
                 ),
+                io.Combo.Input(
+                    "regularization_folder",
+                    options=[NO_FOLDER, *folders],
+                    default=NO_FOLDER,
+                    tooltip="Class images for prior preservation (kohya reg images), a folder in input/; "
+                    "their repeats are balanced to the training images'.",
+                ),
+                io.Float.Input(
+                    "prior_loss_weight",
+                    default=1.0,
+                    min=0.0,
+                    max=10.0,
+                    step=0.05,
+                    tooltip="Loss weight of the regularisation images.",
+                ),
             ],
             outputs=[LoraDataset.Output(display_name="dataset", tooltip="The scanned dataset.")],
         )
@@ -93,10 +110,22 @@ class LoadDataset(io.ComfyNode):
         keep_tokens,
         caption_dropout_rate,
         caption_tag_dropout_rate,
+        regularization_folder=NO_FOLDER,
+        prior_loss_weight=1.0,
     ) -> io.NodeOutput:
-        path = resolve_dataset_folder(Path(folder_paths.get_input_directory()), folder, custom_path)
+        input_dir = Path(folder_paths.get_input_directory())
+        path = resolve_dataset_folder(input_dir, folder, custom_path)
+        reg_path = None
+        if regularization_folder != NO_FOLDER:
+            reg_path = resolve_dataset_folder(input_dir, regularization_folder)
         dataset = load_dataset(
-            DatasetConfig(path=path, caption_extension=caption_extension, default_repeats=default_repeats)
+            DatasetConfig(
+                path=path,
+                caption_extension=caption_extension,
+                default_repeats=default_repeats,
+                reg_path=reg_path,
+                prior_loss_weight=prior_loss_weight,
+            )
         )
         captions = CaptionConfig(
             shuffle_caption=shuffle_caption,

@@ -103,6 +103,11 @@ class TrainLoRA(io.ComfyNode):
                     max=1_000_000,
                     tooltip="Sample every N steps (0 = only at the end).",
                 ),
+                io.Boolean.Input(
+                    "cache_text_encoder_outputs",
+                    default=False,
+                    tooltip="Encode each caption once (needs static captions and no text-encoder training).",
+                ),
                 io.Vae.Input("vae", optional=True, tooltip="The checkpoint's VAE, for validation samples."),
                 LoraNetwork.Input(
                     "network",
@@ -149,6 +154,7 @@ class TrainLoRA(io.ComfyNode):
         save_precision,
         sample_prompts="",
         sample_every_n_steps=0,
+        cache_text_encoder_outputs=False,
         vae=None,
         network=None,
         optimizer=None,
@@ -181,7 +187,15 @@ class TrainLoRA(io.ComfyNode):
         save_path = _free_save_path(lora_name, overwrite)
         node_id = cls.hidden.unique_id if cls.hidden else None
         trained, model_out, clip_out = train_lora_in_comfy(
-            model, clip, latents, recipe, save_path, save_precision, node_id, also_on_step=[sampler]
+            model,
+            clip,
+            latents,
+            recipe,
+            save_path,
+            save_precision,
+            node_id,
+            also_on_step=[sampler],
+            cache_text=cache_text_encoder_outputs,
         )
         grid = sampler.grid() or render_loss_plot([], title="no sample prompts given")
         return io.NodeOutput(model_out, clip_out, trained, str(save_path), _image_tensor(grid))
