@@ -1,0 +1,139 @@
+"""The benchmark's cases: real-size UNets from their published configs, random weights, random inputs.
+
+The configs are those of `runwayml/stable-diffusion-v1-5` and
+`stabilityai/stable-diffusion-xl-base-1.0` (`unet/config.json`), written out so
+that nothing is downloaded. Cached latents and text-encoder outputs are stood in
+by seeded random tensors of the shapes training feeds the UNet: latents
+(B, 4, H/8, W/8), text hidden states (B, 77, 768) for SD1.5 and (B, 77, 2048)
+for SDXL, plus SDXL's pooled embedding (B, 1280) and size ids (B, 6).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from diffusers import UNet2DConditionModel
+from torch import Tensor
+
+from lora_train_core.tiny_models import tiny_unet
+
+SD15_UNET_CONFIG = {
+    "act_fn": "silu",
+    "attention_head_dim": 8,
+    "block_out_channels": [320, 640, 1280, 1280],
+    "center_input_sample": False,
+    "cross_attention_dim": 768,
+    "down_block_types": [
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "DownBlock2D",
+    ],
+    "downsample_padding": 1,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "in_channels": 4,
+    "layers_per_block": 2,
+    "mid_block_scale_factor": 1,
+    "norm_eps": 1e-05,
+    "norm_num_groups": 32,
+    "out_channels": 4,
+    "sample_size": 64,
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+}
+
+SDXL_UNET_CONFIG = {
+    "act_fn": "silu",
+    "addition_embed_type": "text_time",
+    "addition_embed_type_num_heads": 64,
+    "addition_time_embed_dim": 256,
+    "attention_head_dim": [5, 10, 20],
+    "block_out_channels": [320, 640, 1280],
+    "center_input_sample": False,
+    "cross_attention_dim": 2048,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "downsample_padding": 1,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "in_channels": 4,
+    "layers_per_block": 2,
+    "mid_block_scale_factor": 1,
+    "mid_block_type": "UNetMidBlock2DCrossAttn",
+    "norm_eps": 1e-05,
+    "norm_num_groups": 32,
+    "out_channels": 4,
+    "projection_class_embeddings_input_dim": 2816,
+    "sample_size": 128,
+    "transformer_layers_per_block": [1, 2, 10],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "use_linear_projection": True,
+}
+
+TEXT_TOKENS = 77
+
+
+@dataclass(frozen=True)
+class Case:
+    """One benchmark case: model family, image side in pixels, batch, gradient checkpointing."""
+
+    name: str
+    family: str  # "sd15" or "sdxl"
+    resolution: int
+    batch_size: int
+    gradient_checkpointing: bool = False
+
+
+CASES = {
+    c.name: c
+    for c in (
+        Case("sd15_512_b8", "sd15", 512, 8),
+        Case("sdxl_1024_b4", "sdxl", 1024, 4),
+        Case("sdxl_1024_b1_gc", "sdxl", 1024, 1, gradient_checkpointing=True),
+    )
+}
+# --tiny: the same cases on lora_train_core's tiny UNets (8×8 latents), for a CPU check in seconds
+TINY_RESOLUTION = 64
+
+
+@dataclass(frozen=True)
+class StepInputs:
+    """What one training step feeds the UNet besides noise and timesteps (float32, on the device)."""
+
+    latents: Tensor  # (B, 4, h, w)
+    text_hidden: Tensor  # (B, 77, cross_attention_dim)
+    pooled: Tensor | None  # SDXL: (B, 1280)
+    time_ids: Tensor | None  # SDXL: (B, 6) original size, crop top-left, target size
+
+    def added_cond_kwargs(self, dtype: torch.dtype) -> dict | None:
+        if self.pooled is None:
+            return None
+        return {"text_embeds": self.pooled.to(dtype), "time_ids": self.time_ids.to(dtype)}
+
+
+def build_unet(family: str, tiny: bool, device: torch.device, seed: int = 0) -> UNet2DConditionModel:
+    """A float32 UNet with weights drawn from `seed`, made directly on `device`, frozen."""
+    torch.manual_seed(seed)
+    with torch.device(device):
+        if tiny:
+            unet = tiny_unet(family)
+        else:
+            config = SDXL_UNET_CONFIG if family == "sdxl" else SD15_UNET_CONFIG
+            unet = UNet2DConditionModel(**config)
+    return unet.requires_grad_(False)
+
+
+def make_inputs(cfg, case: Case, tiny: bool, device: torch.device, seed: int = 0) -> StepInputs:
+    """Seeded random stand-ins for cached latents and text-encoder outputs, shaped for a UNet `cfg`."""
+    g = torch.Generator().manual_seed(seed)
+    side = (TINY_RESOLUTION if tiny else case.resolution) // 8
+    b = case.batch_size
+    latents = torch.randn((b, cfg.in_channels, side, side), generator=g)
+    hidden = torch.randn((b, TEXT_TOKENS, cfg.cross_attention_dim), generator=g)
+    pooled = time_ids = None
+    if cfg.addition_embed_type == "text_time":
+        pooled_dim = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+        pooled = torch.randn((b, pooled_dim), generator=g).to(device)
+        size = float(side * 8)
+        time_ids = torch.tensor([[size, size, 0.0, 0.0, size, size]] * b, device=device)
+    return StepInputs(latents.to(device), hidden.to(device), pooled, time_ids)

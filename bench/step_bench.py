@@ -1,0 +1,250 @@
+"""Training-step benchmark: our LoRA step against diffusers' textbook one, same inputs, one run.
+
+    python -m bench.step_bench --out results.json            # on the GPU machine: every case
+    python -m bench.step_bench --tiny                        # a CPU check in seconds
+    python -m bench.report results.json                      # Markdown tables, ratios to the baseline
+
+For each (case, variant) a fresh UNet is built from the same seed; one eager
+step is counted by `torch.utils.flop_counter`; blocks are compiled and the step
+captured as a CUDA graph if the variant asks (the extra time of the first steps
+is reported as one-off seconds); then warm-up steps, then timed steps, each
+between two CUDA events, with no host sync in between. Reported: images/s from
+the median step, FLOPs per step and achieved TFLOP/s, and peak
+`torch.cuda.max_memory_allocated` over every step after the counted one
+(compile, capture, warm-up and timed steps; the counted step's own peak is kept
+apart as `peak_counted_step_gib`).
+Results are written after every variant, so a run cut short keeps what it did.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from .models import CASES, build_unet, make_inputs
+from .profile import memory_phases, profile_steps
+from .steps import FastPath, OurStep, StepSetup, build_baseline, build_ours, compile_blocks
+
+__all__ = ["VARIANTS", "FastPath", "OurStep", "build_ours", "main", "run_variant"]
+
+BASELINE = "baseline"
+# Each variant adds one change to the one before it, so that each change is measured.
+_LADDER = [
+    ("ours_core", {}),
+    ("+no_sync", {"host_sync": False}),
+    ("+channels_last", {"channels_last": True}),
+    ("+no_autocast", {"autocast": False}),
+    ("+lora_compute_dtype", {"lora_path": "compute_dtype"}),
+    ("+cudnn_benchmark", {"cudnn_benchmark": True}),
+    ("+cuda_graph", {"cuda_graph": True}),
+    ("+compile_transformer", {"compile": "transformer"}),
+    ("+compile_resnet", {"compile": "transformer+resnet"}),
+]
+# Built on an eager rung (bitsandbytes' optimiser is not capturable), without cuDNN autotuning
+# (its trial workspaces would count in the peak memory this variant is for).
+_BRANCHES = [("+adamw8bit", "+lora_compute_dtype", {"optimizer_type": "AdamW8bit"})]
+
+
+def _variants() -> dict[str, FastPath | None]:
+    variants: dict[str, FastPath | None] = {BASELINE: None}
+    options: dict = {}
+    for name, change in _LADDER:
+        options = {**options, **change}
+        variants[name] = FastPath(**options)
+    for name, base, change in _BRANCHES:
+        variants[name] = FastPath(**{**variants[base].__dict__, **change})
+    return variants
+
+
+VARIANTS = _variants()
+GIB = 2**30
+CAPTURE_WARMUP = 3  # eager steps on a side stream before a CUDA graph is captured
+
+
+def run_variant(case_name: str, variant: str, device: torch.device, tiny: bool, warmup: int, steps: int):
+    """Build, count, compile, warm up and time one (case, variant); a dict of the measurements."""
+    case, fast = CASES[case_name], VARIANTS[variant]
+    cuda = device.type == "cuda"
+    torch.backends.cudnn.benchmark = bool(fast and fast.cudnn_benchmark)
+    t0 = time.perf_counter()
+    inputs = make_inputs(build_unet(case.family, tiny, torch.device("meta")).config, case, tiny, device)
+    setup = (
+        build_baseline(case, inputs, device, tiny)
+        if fast is None
+        else build_ours(case, inputs, device, tiny, fast)
+    )
+    _sync(device)
+    out = {"case": case_name, "variant": variant, "fast_path": fast.__dict__ if fast else None}
+    out["setup_s"] = time.perf_counter() - t0
+    out["lora_params"] = sum(p.numel() for p in setup.params)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+        out["mem_model_gib"] = torch.cuda.memory_allocated(device) / GIB  # weights and LoRA
+    generator = torch.Generator(device).manual_seed(0)
+    with FlopCounterMode(display=False) as counter:
+        losses = [setup.step(generator)]
+    out["flops_per_step"] = counter.get_total_flops()
+    if cuda:  # + gradients and optimiser state; the counted step's peak apart (the counter is not training)
+        out["mem_after_step_gib"] = torch.cuda.memory_allocated(device) / GIB
+        out["peak_counted_step_gib"] = torch.cuda.max_memory_allocated(device) / GIB
+        torch.cuda.reset_peak_memory_stats(device)
+    first = time.perf_counter()
+    if fast is not None and fast.compile != "none":
+        out["compiled_blocks"] = compile_blocks(setup.unet, fast.compile)
+    if fast is not None and fast.cuda_graph:
+        setup.step.capture(generator, CAPTURE_WARMUP)
+    losses += [setup.step(generator) for _ in range(warmup)]
+    _sync(device)
+    out["warmup_s"] = time.perf_counter() - first
+    times, more, wall = _timed_steps(setup, generator, device, steps)
+    losses += more
+    median = statistics.median(times)
+    out.update(
+        step_ms=[t * 1e3 for t in times],
+        step_ms_median=median * 1e3,
+        wall_ms_per_step=wall * 1e3 / steps,
+        images_per_s=case.batch_size / median,
+        tflops=out["flops_per_step"] / median / 1e12,
+        losses=[float(v) for v in losses],
+    )
+    if fast is not None and (fast.compile != "none" or fast.cuda_graph):
+        plain_steps = warmup + (CAPTURE_WARMUP + 1) * fast.cuda_graph
+        out["compile_s"] = out["warmup_s"] - plain_steps * median  # compile and capture, one-off
+    if cuda:
+        out["peak_gib"] = torch.cuda.max_memory_allocated(device) / GIB
+        out["mem_steady_gib"] = torch.cuda.memory_allocated(device) / GIB
+    return out, setup
+
+
+def _timed_steps(setup: StepSetup, generator: torch.Generator, device: torch.device, n: int):
+    """Per-step seconds (CUDA events, or host clock on CPU), the losses, and the whole wall time."""
+    losses, marks = [], []
+    start = time.perf_counter()
+    for _ in range(n):
+        if device.type == "cuda":
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            losses.append(setup.step(generator))
+            end.record()
+            marks.append((begin, end))
+        else:
+            t = time.perf_counter()
+            losses.append(setup.step(generator))
+            marks.append(time.perf_counter() - t)
+    _sync(device)
+    wall = time.perf_counter() - start
+    times = [b.elapsed_time(e) / 1e3 for b, e in marks] if device.type == "cuda" else marks
+    return times, losses, wall
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def machine_info(device: torch.device) -> dict:
+    import diffusers
+    import peft
+
+    cuda = device.type == "cuda"
+    info = {
+        "device": torch.cuda.get_device_name(device) if cuda else f"CPU ({platform.machine()})",
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "diffusers": diffusers.__version__,
+        "peft": peft.__version__,
+        "python": platform.python_version(),
+        "command": "python -m bench.step_bench " + " ".join(sys.argv[1:]),
+    }
+    if device.type == "cuda":
+        info["cudnn"] = torch.backends.cudnn.version()
+    return info
+
+
+def _free(device: torch.device) -> None:
+    torch._dynamo.reset()
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = _parser().parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
+    torch._dynamo.config.recompile_limit = 64  # one compiled graph per block shape, not per instance
+    report = {
+        "machine": machine_info(device),
+        "settings": {k: v for k, v in vars(args).items() if k != "out"},
+        "results": [],
+        "profiles": {},
+    }
+    begin = time.perf_counter()
+    for case_name in args.cases:
+        for variant in args.variants:
+            if args.budget_s and time.perf_counter() - begin > args.budget_s:
+                report["results"].append({"case": case_name, "variant": variant, "error": "time budget"})
+                continue
+            report["results"].append(_one(case_name, variant, device, args, report))
+            _write(report, args.out)
+            _free(device)
+            print(_line(report["results"][-1]), flush=True)
+    return report
+
+
+def _one(case_name: str, variant: str, device: torch.device, args, report: dict) -> dict:
+    setup = None
+    try:
+        result, setup = run_variant(case_name, variant, device, args.tiny, args.warmup, args.steps)
+        key = f"{case_name}:{variant}"
+        if key in args.profile:
+            report["profiles"][key] = profile_steps(setup.step, device, 2)
+        if key in args.memory and isinstance(setup.step, OurStep) and device.type == "cuda":
+            report.setdefault("memory", {})[key] = memory_phases(setup.step, torch.Generator(device))
+        return result
+    except Exception as err:  # an OOM or a compile failure ends this variant, not the run
+        return {"case": case_name, "variant": variant, "error": f"{type(err).__name__}: {str(err)[:300]}"}
+    finally:
+        del setup
+
+
+def _line(r: dict) -> str:
+    if "error" in r:
+        return f"{r['case']:16} {r['variant']:22} ERROR {r['error'][:100]}"
+    peak = f"{r['peak_gib']:6.2f} GiB" if "peak_gib" in r else ""
+    return (
+        f"{r['case']:16} {r['variant']:22} {r['images_per_s']:8.2f} img/s {r['step_ms_median']:9.1f} ms "
+        f"{r['tflops']:7.1f} TFLOP/s {peak} loss {r['losses'][-1]:.4f}"
+    )
+
+
+def _write(report: dict, out: Path | None) -> None:
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=1))
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m bench.step_bench", description=__doc__.split("\n")[0])
+    p.add_argument("--tiny", action="store_true", help="tiny UNets on the CPU: a check that runs in seconds")
+    p.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps after the counted one")
+    p.add_argument("--steps", type=int, default=10, help="timed steps; the median is reported")
+    p.add_argument("--profile", nargs="*", default=[], help="CASE:VARIANT pairs to profile (top kernels)")
+    p.add_argument("--memory", nargs="*", default=[], help="CASE:VARIANT pairs: memory by step phase")
+    p.add_argument("--budget-s", type=float, default=0, help="skip variants once this many seconds passed")
+    p.add_argument("--out", type=Path, default=None, help="where to write the JSON results")
+    return p
+
+
+if __name__ == "__main__":
+    main()

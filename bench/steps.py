@@ -1,0 +1,280 @@
+"""The two training steps the benchmark compares, built on the same UNet weights and inputs.
+
+Baseline: the textbook step of diffusers' example LoRA scripts
+(`examples/text_to_image/train_text_to_image_lora.py`): float32 UNet, peft LoRA
+added with `unet.add_adapter`, `torch.autocast(bfloat16)`, MSE against ε,
+`clip_grad_norm_`, `torch.optim.AdamW(fused=True)`, and the loss read back with
+`.item()` every step for the log.
+
+Ours: `lora_train_core`'s components as `train.py` and `step.py` wire them (bf16 frozen UNet,
+kohya LoRA with float32 weights from `network.py`, AdamW from `optim.py`,
+`noise.py` and `loss.py` for the noising and the loss), with the fast-path
+options of `FastPath` on top. Both draw ε and t from a generator seeded alike, so
+they see the same noise and timesteps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lora_train_core.backends.diffusers_backend import kohya_alphas_cumprod
+from lora_train_core.kohya_keys import unet_targets
+from lora_train_core.loss import LossConfig, training_loss
+from lora_train_core.network import LoRAModule, LoRANetwork, NetworkConfig
+from lora_train_core.noise import NoiseConfig, add_noise, sample_noise, sample_timesteps
+from lora_train_core.optim import OptimizerConfig, build_optimizer
+from lora_train_core.param_groups import build_param_groups
+
+from .graphs import GraphedCall
+from .models import Case, StepInputs, build_unet
+
+RANK = 32
+LEARNING_RATE = 1e-4
+MAX_GRAD_NORM = 1.0
+# kohya's default UNet targets: every Linear / 1×1 conv inside a Transformer2DModel
+PEFT_TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]
+COMPILE_BLOCKS = {
+    "none": (),
+    "transformer": ("BasicTransformerBlock",),
+    "transformer+resnet": ("BasicTransformerBlock", "ResnetBlock2D"),
+}
+LORA_PATHS = ("core", "compute_dtype")
+
+
+@dataclass(frozen=True)
+class FastPath:
+    """Options of our step; the defaults are the core's step as `step.py` runs it today.
+
+    autocast: run the bf16 UNet under `torch.autocast(bfloat16)`, as step.py does with
+        mixed_precision="bf16"; False runs it in plain bf16 (norms stay bf16).
+    channels_last: UNet, LoRA convs and the noisy latents in NHWC, so cuDNN skips transposes.
+    host_sync: read the loss back with `.item()` every step (step.py does); False keeps the
+        step free of host syncs, so the CPU queues the next step while the GPU works.
+    lora_path: "core" is network.py's LoRAModule.forward (input cast to float32, LoRA in
+        float32 unless autocast recasts it); "compute_dtype" is a bench prototype of a
+        proposed change: LoRA weights cast to the activation dtype, up-projection and the add
+        fused into one addmm (Linear targets).
+    cudnn_benchmark: let cuDNN time its convolution algorithms (`torch.backends.cudnn.benchmark`).
+    cuda_graph: capture forward, backward, clipping and the optimiser step as one CUDA graph
+        and replay it (static shapes; the optimiser is built with capturable=True); the
+        noise is drawn outside the graph and copied into its input buffers.
+    compile: torch.compile each block named in COMPILE_BLOCKS[compile] (regional compilation).
+    optimizer_type: an OptimizerConfig optimizer_type (AdamW is fused on CUDA).
+    """
+
+    autocast: bool = True
+    channels_last: bool = False
+    host_sync: bool = True
+    lora_path: str = "core"
+    cudnn_benchmark: bool = False
+    cuda_graph: bool = False
+    compile: str = "none"
+    optimizer_type: str = "AdamW"
+
+
+@dataclass
+class StepSetup:
+    """A ready training step: `step(generator)` runs one and returns the loss."""
+
+    unet: nn.Module
+    params: list[nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    step: Callable[[torch.Generator], Tensor | float]
+    network: LoRANetwork | None = None
+
+
+def build_baseline(case: Case, inputs: StepInputs, device: torch.device, tiny: bool) -> StepSetup:
+    """diffusers' example: float32 UNet + peft LoRA (r = α = 32, kohya's modules) + fused AdamW."""
+    from diffusers import DDPMScheduler
+    from peft import LoraConfig
+
+    unet = build_unet(case.family, tiny, device)
+    unet.add_adapter(
+        LoraConfig(r=RANK, lora_alpha=RANK, init_lora_weights="gaussian", target_modules=PEFT_TARGET_MODULES)
+    )
+    if case.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    unet.train()
+    params = [p for p in unet.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=LEARNING_RATE, fused=device.type == "cuda")
+    scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    step = partial(_baseline_step, unet, inputs, params, optimizer, scheduler)
+    return StepSetup(unet, params, optimizer, step)
+
+
+def _baseline_step(unet, inputs: StepInputs, params, optimizer, scheduler, generator) -> float:
+    latents = inputs.latents
+    noise = torch.randn(latents.shape, generator=generator, device=generator.device).to(latents.device)
+    timesteps = torch.randint(0, 1000, (latents.shape[0],), generator=generator, device=generator.device)
+    noisy = scheduler.add_noise(latents, noise, timesteps.to(latents.device))
+    with torch.autocast(latents.device.type, dtype=torch.bfloat16):
+        pred = unet(
+            noisy,
+            timesteps,
+            encoder_hidden_states=inputs.text_hidden,
+            added_cond_kwargs=inputs.added_cond_kwargs(torch.float32),
+        ).sample
+    loss = F.mse_loss(pred.float(), noise.float(), reduction="mean")
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
+    optimizer.step()
+    optimizer.zero_grad()
+    return loss.detach().item()
+
+
+def build_ours(
+    case: Case,
+    inputs: StepInputs,
+    device: torch.device,
+    tiny: bool,
+    fast: FastPath,
+    weight_dtype: torch.dtype = torch.bfloat16,
+) -> StepSetup:
+    """lora_train_core's step on a frozen `weight_dtype` UNet, with the options of `fast`."""
+    unet = build_unet(case.family, tiny, device).to(weight_dtype)
+    network = LoRANetwork(
+        unet_targets(unet, case.family, include_conv=False),
+        NetworkConfig(network_dim=RANK, network_alpha=RANK),
+    )
+    if case.gradient_checkpointing:
+        # no dropout anywhere, so the RNG state need not be saved (reading it breaks graph capture)
+        unet.enable_gradient_checkpointing(_checkpoint_without_rng if fast.cuda_graph else None)
+    unet.train()
+    network.train()
+    if fast.channels_last:
+        unet.to(memory_format=torch.channels_last)
+        network.to(memory_format=torch.channels_last)
+    if fast.lora_path == "compute_dtype":
+        install_compute_dtype_lora(network)
+    else:
+        network.apply_to()
+    opt_cfg = OptimizerConfig(
+        optimizer_type=fast.optimizer_type,
+        learning_rate=LEARNING_RATE,
+        max_grad_norm=MAX_GRAD_NORM,
+        optimizer_args=("capturable=True",) if fast.cuda_graph else (),
+    )
+    groups = build_param_groups(network.named_lora_parameters(), case.family, opt_cfg)
+    optimizer = build_optimizer(groups, opt_cfg, device)
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    step = OurStep(unet, inputs, params, optimizer, kohya_alphas_cumprod().to(device), weight_dtype, fast)
+    return StepSetup(unet, params, optimizer, step, network)
+
+
+def _checkpoint_without_rng(module, *args):
+    return torch.utils.checkpoint.checkpoint(
+        module.__call__, *args, use_reentrant=False, preserve_rng_state=False
+    )
+
+
+@dataclass
+class OurStep:
+    """One optimiser step as step.py's `forward_backward` + `optimizer_step` (default options).
+
+    `draw` makes ε, t and x_t from the generator (noise.py); `train_on` is the rest of the
+    step: forward, loss (loss.py), backward, clipping, optimiser step. Gradients are cleared
+    at the start of `train_on`, so that they can be inspected after the step. With
+    `fast.cuda_graph`, `capture()` records `train_on` once and later steps replay it.
+    Calling the step returns the loss as a float with `fast.host_sync`, else as a 0-d tensor.
+    """
+
+    unet: nn.Module
+    inputs: StepInputs
+    params: list[nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    alphas_cumprod: Tensor
+    weight_dtype: torch.dtype
+    fast: FastPath
+    graph: GraphedCall | None = None
+
+    def __call__(self, generator: torch.Generator) -> Tensor | float:
+        batch = self.draw(generator)
+        loss = self.graph(*batch) if self.graph is not None else self.train_on(*batch)
+        return loss.item() if self.fast.host_sync else loss
+
+    def draw(self, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
+        latents, noise_cfg = self.inputs.latents, NoiseConfig()
+        noise = sample_noise(latents, noise_cfg, generator)
+        timesteps = sample_timesteps(latents.shape[0], noise_cfg, generator, latents.device)
+        noisy = add_noise(latents, noise, timesteps, self.alphas_cumprod).to(self.weight_dtype)
+        if self.fast.channels_last:
+            noisy = noisy.contiguous(memory_format=torch.channels_last)
+        return noisy, timesteps, noise
+
+    def train_on(self, noisy: Tensor, timesteps: Tensor, noise: Tensor) -> Tensor:
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self.loss(self.predict(noisy, timesteps), timesteps, noise)
+        loss.backward()
+        self.update()
+        return loss.detach()
+
+    def predict(self, noisy: Tensor, timesteps: Tensor) -> Tensor:
+        with torch.autocast(noisy.device.type, dtype=torch.bfloat16, enabled=self.fast.autocast):
+            return self.unet(
+                noisy,
+                timesteps,
+                encoder_hidden_states=self.inputs.text_hidden.to(self.weight_dtype),
+                added_cond_kwargs=self.inputs.added_cond_kwargs(self.weight_dtype),
+            ).sample
+
+    def loss(self, pred: Tensor, timesteps: Tensor, noise: Tensor) -> Tensor:
+        return training_loss(pred, noise, timesteps, self.alphas_cumprod, "epsilon", LossConfig())
+
+    def update(self) -> None:
+        torch.nn.utils.clip_grad_norm_(self.params, MAX_GRAD_NORM)
+        self.optimizer.step()
+
+    def capture(self, generator: torch.Generator, warmup: int = 3) -> None:
+        """Record `train_on` as one CUDA graph, after `warmup` eager steps on a side stream."""
+        self.graph = GraphedCall(self.train_on, self.draw(generator), warmup)
+
+
+def compile_blocks(unet: nn.Module, which: str) -> int:
+    """torch.compile every module whose class is in COMPILE_BLOCKS[which]; returns how many."""
+    names = COMPILE_BLOCKS[which]
+    blocks = [m for m in unet.modules() if type(m).__name__ in names]
+    for block in blocks:
+        block.compile()
+    return len(blocks)
+
+
+def install_compute_dtype_lora(network: LoRANetwork) -> None:
+    """Prototype of a proposed `LoRAModule.forward`: the LoRA path in the activation's dtype.
+
+    network.py casts the activation to float32 (a full read and write of x per module,
+    and a float32 copy of x kept for backward) and runs the LoRA matmuls in float32.
+    Here the rank-r weights are cast instead (tiny), scale is folded into lora_up, and
+    for Linear targets the up-projection and the residual add are one `addmm`. The
+    weights stay float32 leaves, so gradients and optimiser state are float32 as before.
+    The modules keep their class's layout and `apply_to`, so torch.compile sees one
+    forward for all of them (a per-module closure would recompile every block).
+    """
+    for module in network.modules_by_name.values():
+        cfg = (module.dropout, module.rank_dropout, module.module_dropout)
+        if any(cfg):
+            raise ValueError(f"{module.name}: the compute-dtype prototype has no dropout; got {cfg}")
+        module.__class__ = ComputeDtypeLoRAModule
+    network.apply_to()
+
+
+class ComputeDtypeLoRAModule(LoRAModule):
+    """LoRAModule whose forward runs the LoRA path in the activation's dtype (see above)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        org = self.org_module
+        y = type(org).forward(org, x)
+        down = self.lora_down.weight.to(x.dtype)
+        up = (self.lora_up.weight * (self.multiplier * self.scale)).to(x.dtype)
+        if isinstance(self.lora_down, nn.Conv2d):
+            conv = self.lora_down
+            h = F.conv2d(x, down, None, conv.stride, conv.padding, conv.dilation)
+            return y + F.conv2d(h, up)
+        h = F.linear(x, down)
+        out = torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]), up.t())
+        return out.view(y.shape)
