@@ -150,3 +150,17 @@ def test_cancel_keeps_a_loadable_partial_lora_and_leaves_the_input_model_unchang
     after = model.model.diffusion_model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert all("forward" not in vars(m) for m in model.model.diffusion_model.modules())
+
+
+def test_a_finished_run_leaves_the_input_model_bit_identical(comfy, sd15_checkpoint, tiny_dataset):
+    model, clip, vae = _load_model(sd15_checkpoint.path)
+    before = {k: v.clone() for k, v in model.model.diffusion_model.state_dict().items()}
+    nodes, latents = _node_graph_values(comfy, model, vae, tiny_dataset)
+    with torch.inference_mode():
+        out = nodes.TrainLoRA.execute(
+            model, clip, latents, 1, 1, 1, False, 1, "it_identity", False, "fp16"
+        ).result
+    assert Path(out[3]).is_file()
+    after = model.model.diffusion_model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all("forward" not in vars(m) for m in model.model.diffusion_model.modules())
