@@ -13,20 +13,30 @@ import re
 from pathlib import Path
 
 from ..lora_train_core.errors import ConfigError
+from ..lora_train_core.images import IMAGE_EXTENSIONS
 
 ALLOW_ANY_DATASET_PATH_ENV = "LORA_TRAINER_ALLOW_ANY_DATASET_PATH"
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _.\-]{0,127}$")
 
 
 def dataset_folders(input_dir: Path) -> list[str]:
-    """Sub-folders of ComfyUI's input directory, for the Load Dataset dropdown."""
+    """Sub-folders of ComfyUI's input directory that hold images (directly or in kohya N_name
+    sub-folders), for the Load Dataset dropdown; folders ComfyUI makes for itself are left out."""
     if not input_dir.is_dir():
         return []
     return sorted(
         p.name
         for p in input_dir.iterdir()
-        if p.is_dir() and not p.is_symlink() and not p.name.startswith(".")
+        if p.is_dir() and not p.is_symlink() and not p.name.startswith(".") and _holds_images(p)
     )
+
+
+def _holds_images(folder: Path) -> bool:
+    def has_image(d: Path) -> bool:
+        return any(f.suffix.lower() in IMAGE_EXTENSIONS for f in d.iterdir() if f.is_file())
+
+    subsets = [d for d in folder.iterdir() if d.is_dir() and d.name.split("_", 1)[0].isdigit()]
+    return has_image(folder) or any(has_image(d) for d in subsets)
 
 
 def resolve_dataset_folder(input_dir: Path, name: str, custom_path: str = "") -> Path:
@@ -44,7 +54,14 @@ def resolve_dataset_folder(input_dir: Path, name: str, custom_path: str = "") ->
             raise ConfigError(f"Load Dataset: custom_path {custom_path!r} is not an existing absolute folder")
         return path
     _check_name("Load Dataset: folder", name)
-    return _inside(input_dir, name, "Load Dataset: folder")
+    path = _inside(input_dir, name, "Load Dataset: folder")
+    if not path.is_dir():
+        found = ", ".join(dataset_folders(input_dir)) or "none yet"
+        raise ConfigError(
+            f"Load Dataset: folder {name!r} is not in {input_dir}; put your images in input/<name>/, "
+            f"refresh the page (R) and pick it (folders with images there: {found})"
+        )
+    return path
 
 
 def lora_save_path(loras_dir: Path, name: str) -> Path:

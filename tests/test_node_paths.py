@@ -83,3 +83,21 @@ def test_custom_dataset_path_needs_the_server_setting(tmp_path, monkeypatch):
         paths.resolve_dataset_folder(tmp_path, "x", custom_path=str(tmp_path))
     monkeypatch.setenv(paths.ALLOW_ANY_DATASET_PATH_ENV, "1")
     assert paths.resolve_dataset_folder(tmp_path, "x", custom_path=str(tmp_path)) == tmp_path
+
+
+def test_dropdown_lists_only_folders_with_images(tmp_path):
+    (tmp_path / "3d").mkdir()  # ComfyUI makes this one itself
+    (tmp_path / "flat").mkdir()
+    (tmp_path / "flat" / "a.png").write_bytes(b"")
+    (tmp_path / "kohya" / "10_cat").mkdir(parents=True)
+    (tmp_path / "kohya" / "10_cat" / "b.JPG").write_bytes(b"")
+    assert paths.dataset_folders(tmp_path) == ["flat", "kohya"]
+
+
+def test_a_missing_dataset_folder_names_the_widget_and_the_choices(tmp_path):
+    (tmp_path / "cats").mkdir()
+    (tmp_path / "cats" / "a.png").write_bytes(b"")
+    with pytest.raises(
+        ConfigError, match=r"Load Dataset: folder 'dogs' is not in .*folders with images there: cats"
+    ):
+        paths.resolve_dataset_folder(tmp_path, "dogs")
