@@ -1,14 +1,18 @@
 """`python -m lora_train_core train|demo|merge ...`: the standalone front door.
 
 Errors the user can fix (LoraTrainError) print as one message without a
-traceback and exit with status 2.
+traceback and exit with status 2. During `train`, Ctrl-C (or SIGTERM) stops
+after the current optimiser step, saves the partial LoRA and the training
+state, and exits with status 130; `train --resume STATE` continues from it.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -38,6 +42,14 @@ def _parser() -> argparse.ArgumentParser:
         "--list-keys", action="store_true", help="print every config section and key with its default"
     )
     t.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    t.add_argument(
+        "--resume",
+        type=Path,
+        default=None,
+        metavar="STATE",
+        help="continue from a training state: a folder <output_dir>/state/<name>-step<N>, "
+        "or <output_dir>/state for the newest complete one",
+    )
     t.set_defaults(func=_train)
     d = sub.add_parser("demo", help="train a tiny built-in model on a synthetic dataset (no downloads)")
     d.add_argument("--family", choices=("sd15", "sdxl"), default="sd15")
@@ -65,7 +77,13 @@ def _parser() -> argparse.ArgumentParser:
 def _device(name: str | None):
     import torch
 
-    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        raise LoraTrainError(f"--device: {name!r} is not a torch device; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise LoraTrainError(f"--device: {name!r}, but this torch has no usable CUDA device; use cpu")
+    return device
 
 
 def _train(args) -> int:
@@ -79,22 +97,75 @@ def _train(args) -> int:
     import torch
 
     from .backends.diffusers_backend import load_diffusers_backend
+    from .dataset import load_dataset
     from .progress import ProgressBar
     from .run import run_training
-    from .train import MIXED_PRECISION
+    from .state_files import load_training_state
+    from .train import MIXED_PRECISION, TrainingStopped
 
     cfg = load_run_config(args.config)
+    # Everything that can be wrong with the input is checked before the (slow) model load.
+    state = load_training_state(args.resume) if args.resume is not None else None
+    dataset = load_dataset(cfg.dataset)
+    device = _device(args.device)
     weight_dtype = MIXED_PRECISION[cfg.recipe.train.mixed_precision] or torch.float32
-    backend = load_diffusers_backend(cfg.model, _device(args.device), weight_dtype)
+    backend = load_diffusers_backend(cfg.model, device, weight_dtype)
     bar = ProgressBar()
     try:
-        result = run_training(cfg, backend, on_step=bar)
-    finally:
+        with _StopOnSignal(bar) as on_step:
+            result = run_training(cfg, backend, on_step, resume=state, dataset=dataset)
+    except TrainingStopped as stopped:
         bar.close()
+        if isinstance(stopped.__cause__, Cancelled):
+            print(f"cancelled after step {stopped.partial.steps}", file=sys.stderr)
+            return 130
+        if isinstance(stopped.__cause__, LoraTrainError):
+            raise LoraTrainError(str(stopped)) from stopped
+        raise
+    bar.close()
     losses = result.trained.losses
     print(f"first loss {losses[0]:.4f}, last loss {losses[-1]:.4f}")
     print(f"saved {result.path}")
     return 0
+
+
+class Cancelled(Exception):
+    """The user asked training to stop (Ctrl-C or SIGTERM)."""
+
+
+class _StopOnSignal:
+    """A step callback (wrapping `on_step`) that stops training after the step in which Ctrl-C came.
+
+    The first Ctrl-C / SIGTERM asks for the stop; a second aborts at once. Stopping at a step
+    boundary lets run_training save the partial LoRA and a state that resumes exactly. Signal
+    handlers can only be set from the main thread; elsewhere this is `on_step` alone.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, on_step):
+        self.on_step = on_step
+        self.requested, self.previous = False, {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nstopping after this step (press Ctrl-C again to abort without saving)", file=sys.stderr)
+
+    def __call__(self, report) -> None:
+        self.on_step(report)
+        if self.requested:
+            raise Cancelled("cancelled by the user")
 
 
 def _demo(args) -> int:

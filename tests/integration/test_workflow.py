@@ -23,7 +23,13 @@ def _training_prompt(comfy, checkpoint_name: str, dataset: Path, lora_name: str)
     by_type["CheckpointLoaderSimple"]["ckpt_name"] = checkpoint_name
     by_type["LoRATrainer_LoadDataset"].update(folder=dataset.name, default_repeats=1)
     by_type["LoRATrainer_Bucketize"].update(resolution=SIZE, min_bucket_reso=SIZE, max_bucket_reso=2 * SIZE)
-    by_type["LoRATrainer_TrainLoRA"].update(max_train_steps=2, train_batch_size=1, lora_name=lora_name)
+    by_type["LoRATrainer_TrainLoRA"].update(
+        max_train_steps=2,
+        train_batch_size=1,
+        lora_name=lora_name,
+        sample_prompts=f"a red circle --w {SIZE} --h {SIZE} --s 2 --d 1",
+        sample_every_n_steps=1,
+    )
     by_type["EmptyLatentImage"].update(width=SIZE, height=SIZE)
     by_type["KSampler"].update(steps=2)
     by_type["SaveImage"]["filename_prefix"] = f"{lora_name}_trained"
@@ -83,6 +89,13 @@ def test_sd15_workflow_trains_saves_and_samples_exactly_like_loraloader(comfy, s
     assert (comfy.models_dir("loras") / "it_sd15_ema.safetensors").is_file()
     loss_plot_nodes = [k for k, n in prompt.items() if n["class_type"] == "LoRATrainer_LossPlot"]
     assert result.outputs[loss_plot_nodes[0]]["images"], "the loss plot shows in the graph"
+    # Train LoRA's sample grid (one row per checkpoint: steps 1 and 2) reaches the PreviewImage node
+    [preview] = [k for k, n in prompt.items() if n["class_type"] == "PreviewImage"]
+    [grid] = result.outputs[preview]["images"]
+    import folder_paths
+
+    grid_image = Image.open(Path(folder_paths.get_temp_directory()) / grid["subfolder"] / grid["filename"])
+    assert grid_image.size == (SIZE, 2 * SIZE)
 
     with comfy.capture_logs() as messages:
         again = comfy.run_prompt(

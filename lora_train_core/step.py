@@ -1,0 +1,220 @@
+"""One optimiser step at a time: the epoch loop, the step's math, the NaN guard, and state.
+
+`StepRunner` holds a run's parts so that a step reads top to bottom (kohya
+train_network.py): load latents, process captions, draw noise and timesteps,
+predict, weight the loss, backpropagate; every `gradient_accumulation_steps`
+batches, clip and step the optimiser. After each optimiser step it notes
+where the run stands (epoch, batch, every RNG), so that a TrainingState taken
+then, or on a later stop, continues the run bit-exactly. A loss or gradient
+norm that is not finite stops the run before the update (fp16 excepted: its
+grad scaler skips such steps, and they are counted).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import random
+
+import torch
+
+from .backends.base import TextConditioning
+from .buckets import BucketPlan, epoch_batches
+from .captions import process_caption
+from .loss import training_loss
+from .noise import add_noise, perturbed_noise, sample_noise, sample_timesteps, velocity_target
+from .param_groups import set_text_encoder_trainable
+from .state import RngState, TrainingState, data_fingerprint, recipe_record
+from .trained import NonFiniteError, StepReport, TrainedLora
+
+log = logging.getLogger(__name__)
+MIXED_PRECISION = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class StepRunner:
+    """A run's parts and where it stands; train() calls `run_epoch` until the steps are done."""
+
+    def __init__(
+        self,
+        backend,
+        dataset,
+        latents,
+        recipe,
+        network,
+        optimizer,
+        scheduler,
+        ema,
+        alphas_cumprod,
+        save_state,
+    ):
+        self.backend, self.dataset, self.latents, self.recipe = backend, dataset, latents, recipe
+        self.network, self.optimizer, self.scheduler, self.ema = network, optimizer, scheduler, ema
+        self.alphas_cumprod, self.save_state = alphas_cumprod, save_state
+        cfg = recipe.train
+        self.generator = torch.Generator(backend.device).manual_seed(cfg.seed)
+        self.caption_rng = random.Random(cfg.seed)
+        self.amp_dtype = MIXED_PRECISION[cfg.mixed_precision]
+        self.scaler = torch.amp.GradScaler(backend.device.type, enabled=cfg.mixed_precision == "fp16")
+        self.params = [p for g in optimizer.param_groups for p in g["params"]]
+        self.micro_step = 0  # batches accumulated since the last optimiser step
+        self.pending_loss = 0.0
+        self.text_encoder_trains = self._text_encoder_was_training = True
+        # Where the last optimiser step left the run: (epoch, batches of it consumed, RNGs then).
+        self.boundary: tuple[int, int, RngState] | None = None
+        self.updating = False  # True while the weights change: no state can be taken then
+
+    def run_epoch(self, plan: BucketPlan, epoch: int, result: TrainedLora, on_step, skip: int = 0) -> bool:
+        """Run one epoch from its batch `skip`; True once the run's total steps are done."""
+        cfg = self.recipe.train
+        batches = epoch_batches(plan, cfg.train_batch_size, cfg.seed, epoch)
+        for index in range(skip, len(batches)):
+            _bucket, indices = batches[index]
+            self.text_encoder_trains = self.recipe.optimizer.text_encoder_trains_at(result.steps)
+            loss = self.forward_backward(indices, epoch)
+            if not self.scaler.is_enabled():  # fp16: the grad scaler skips such steps itself
+                _check_finite("loss", loss, result.steps + 1)
+            self.pending_loss += loss / cfg.gradient_accumulation_steps
+            self.micro_step += 1
+            # As kohya (accelerate syncs at the end of the dataloader), an epoch's last batch
+            # steps the optimiser even when fewer batches were accumulated.
+            if self.micro_step < cfg.gradient_accumulation_steps and index + 1 < len(batches):
+                continue
+            self.micro_step = 0
+            self.optimizer_step(result.steps + 1, result)
+            result.steps += 1
+            result.losses.append(self.pending_loss)
+            rng = RngState.capture(self.generator, self.caption_rng, self.backend.device)
+            self.boundary = (epoch, index + 1, rng)
+            every = cfg.save_state_every_n_steps
+            if every and result.steps % every == 0:
+                self.save_state(self.snapshot(result, plan))
+            if on_step:
+                lr = self.scheduler.get_last_lr()[0]
+                on_step(StepReport(result.steps, result.total_steps, self.pending_loss, lr, epoch, result))
+            self.pending_loss = 0.0
+            if result.steps >= result.total_steps:
+                return True
+        return False
+
+    def forward_backward(self, indices, epoch: int) -> float:
+        recipe, backend = self.recipe, self.backend
+        samples = [self.latents.get(i, self.generator) for i in indices]
+        latents = torch.stack([s.latents for s in samples]).to(backend.device, torch.float32)
+        size_cond = torch.stack([s.size_conditioning() for s in samples]).to(backend.device)
+        captions = [
+            process_caption(self.dataset.images[i].caption, recipe.captions, epoch, self.caption_rng)
+            for i in indices
+        ]
+        noise = sample_noise(latents, recipe.noise, self.generator)
+        timesteps = sample_timesteps(len(indices), recipe.noise, self.generator, backend.device)
+        noisy = add_noise(
+            latents, perturbed_noise(noise, recipe.noise, self.generator), timesteps, self.alphas_cumprod
+        )
+        if backend.prediction_type == "v_prediction":
+            target = velocity_target(latents, noise, timesteps, self.alphas_cumprod)
+        else:
+            target = noise
+        with self._autocast():
+            text = self._encode_text(captions)
+            pred = backend.predict(noisy, timesteps, text, size_cond)
+        loss = training_loss(
+            pred,
+            target,
+            timesteps,
+            self.alphas_cumprod,
+            backend.prediction_type,
+            recipe.loss,
+            self._sample_weights(indices),
+        )
+        self.scaler.scale(loss / recipe.train.gradient_accumulation_steps).backward()
+        return loss.detach().item()
+
+    def _sample_weights(self, indices) -> torch.Tensor | None:
+        """Per-sample loss weights (prior_loss_weight on regularisation images); None when all are 1."""
+        weights = [self.dataset.images[i].loss_weight for i in indices]
+        if all(w == 1.0 for w in weights):
+            return None
+        return torch.tensor(weights, dtype=torch.float32, device=self.backend.device)
+
+    def _encode_text(self, captions) -> TextConditioning:
+        if self.text_encoder_trains != self._text_encoder_was_training:
+            set_text_encoder_trainable(self.optimizer.param_groups, self.text_encoder_trains)
+            self._text_encoder_was_training = self.text_encoder_trains
+        grad = self.recipe.network.train_text_encoder and self.text_encoder_trains
+        with contextlib.nullcontext() if grad else torch.no_grad():
+            return self.backend.encode_text(captions)
+
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.backend.device.type, dtype=self.amp_dtype)
+
+    def optimizer_step(self, step: int, result: TrainedLora) -> None:
+        opt_cfg = self.recipe.optimizer
+        if opt_cfg.max_grad_norm > 0:
+            self.scaler.unscale_(self.optimizer)
+            norm = torch.nn.utils.clip_grad_norm_(self.params, opt_cfg.max_grad_norm)
+        else:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
+        fp16 = self.scaler.is_enabled()
+        scale = self.scaler.get_scale() if fp16 else None
+        if not fp16:  # with fp16 the grad scaler itself skips a step whose gradients are inf/NaN
+            _check_finite("gradient norm", float(norm), step)
+        self.updating = True
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        if fp16 and self.scaler.get_scale() < scale:
+            result.skipped_steps += 1
+            log.info("step %d: fp16 gradients overflowed; the grad scaler skipped the update", step)
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.step(step)
+        self.updating = False
+
+    def snapshot(self, result: TrainedLora, plan: BucketPlan) -> TrainingState:
+        """The run as it stood after its last optimiser step (see state.TrainingState)."""
+        epoch, batch, rng = self.boundary
+        return TrainingState(
+            step=result.steps,
+            epoch=epoch,
+            batch_in_epoch=batch,
+            losses=list(result.losses),
+            started_at=result.started_at,
+            skipped_steps=result.skipped_steps,
+            family=self.backend.family,
+            recipe=recipe_record(self.recipe),
+            data=data_fingerprint(self.dataset, plan),
+            network=self.network.kohya_state_dict(),
+            optimizer=self.optimizer.state_dict(),
+            scheduler=self.scheduler.state_dict(),
+            scaler=self.scaler.state_dict(),
+            ema=self.ema.state_dict() if self.ema is not None else None,
+            rng=rng,
+        )
+
+    def stop_state(self, result: TrainedLora, plan: BucketPlan) -> TrainingState | None:
+        """The state to save when training stops: none before the first step or mid-update."""
+        if self.boundary is None or self.updating:
+            return None
+        return self.snapshot(result, plan)
+
+    def restore(self, state: TrainingState, result: TrainedLora) -> tuple[int, int]:
+        """Load `state` into this run; returns (epoch, batch) where training goes on."""
+        self.network.load_kohya_state_dict(state.network)
+        self.optimizer.load_state_dict(state.optimizer)
+        self.scheduler.load_state_dict(state.scheduler)
+        self.scaler.load_state_dict(state.scaler)
+        if self.ema is not None:
+            self.ema.load_state_dict(state.ema)
+        state.rng.restore(self.generator, self.caption_rng, self.backend.device)
+        result.steps, result.epochs, result.losses = state.step, state.epoch, list(state.losses)
+        result.started_at, result.skipped_steps = state.started_at, state.skipped_steps
+        self.boundary = (state.epoch, state.batch_in_epoch, state.rng)
+        return state.epoch, state.batch_in_epoch
+
+
+def _check_finite(what: str, value: float, step: int) -> None:
+    if not math.isfinite(value):
+        raise NonFiniteError(what, value, step)
