@@ -21,7 +21,7 @@ from .buckets import BucketConfig
 from .captions import CaptionConfig
 from .dataset import DatasetConfig
 from .ema import EMAConfig
-from .errors import ConfigError, check_choice
+from .errors import ConfigError, check_choice, check_int
 from .export import SAVE_DTYPES
 from .latent_cache import CacheConfig
 from .loss import LossConfig
@@ -30,6 +30,7 @@ from .noise import NoiseConfig
 from .optim import OptimizerConfig
 from .param_groups import BlockWeights
 from .sampling import SampleConfig
+from .stages import StageConfig
 from .train import TrainConfig, TrainingRecipe
 
 if sys.version_info >= (3, 11):
@@ -46,10 +47,14 @@ class OutputConfig:
     output_name: str = "lora"
     save_precision: str = "fp16"
     overwrite: bool = False
+    save_every_n_steps: int = 0  # also save `<name>-step<N>.safetensors` every N steps (0 = off)
+    save_last_n_saves: int = 0  # keep only the newest N of those (0 = keep all)
 
     def __post_init__(self):
         object.__setattr__(self, "output_dir", Path(self.output_dir))
         check_choice("output.save_precision", self.save_precision, SAVE_DTYPES)
+        check_int("output.save_every_n_steps", self.save_every_n_steps, 0)
+        check_int("output.save_last_n_saves", self.save_last_n_saves, 0)
         name = self.output_name
         if not name or any(c in name for c in "/\\\0") or name.startswith("."):
             raise ConfigError(
@@ -72,6 +77,7 @@ class RunConfig:
     output: OutputConfig = field(default_factory=OutputConfig)
     recipe: TrainingRecipe = field(default_factory=lambda: TrainingRecipe(TrainConfig()))
     samples: SampleConfig = field(default_factory=SampleConfig)
+    stages: tuple[StageConfig, ...] = ()
 
 
 # section name -> (config class, where it lives in RunConfig)
@@ -90,7 +96,9 @@ SECTIONS: dict[str, type] = {
     "ema": EMAConfig,
     "blocks": BlockWeights,
     "samples": SampleConfig,
+    "stages": StageConfig,  # an array of tables: [[stages]]
 }
+TABLE_ARRAYS = ("stages",)
 REQUIRED = ("model", "dataset")
 
 
@@ -112,7 +120,10 @@ def _checked(raw: dict[str, Any]) -> dict[str, Any]:
     for section in raw:
         if section not in SECTIONS:
             raise ConfigError(f"unknown section [{section}]{_closest(section, SECTIONS)}")
-        if not isinstance(raw[section], dict):
+        if section in TABLE_ARRAYS:
+            if not isinstance(raw[section], list) or not all(isinstance(t, dict) for t in raw[section]):
+                raise ConfigError(f"{section}: write each one as a [[{section}]] table")
+        elif not isinstance(raw[section], dict):
             raise ConfigError(f"[{section}] must be a table of keys, got {raw[section]!r}")
     return raw
 
@@ -123,7 +134,12 @@ def run_config_from_dict(raw: dict[str, Any], base_dir: Path = Path(".")) -> Run
     for section in REQUIRED:
         if section not in raw:
             raise ConfigError(f"[{section}] is missing; it needs at least `path = ...`")
-    built = {name: build_section(name, raw.get(name, {}), base_dir) for name in SECTIONS if name in raw}
+    built = {
+        name: build_section(name, raw[name], base_dir)
+        for name in SECTIONS
+        if name in raw and name not in TABLE_ARRAYS
+    }
+    stages = tuple(build_section("stages", table, base_dir) for table in raw.get("stages", []))
     recipe = TrainingRecipe(
         train=built.get("train", TrainConfig()),
         **{
@@ -136,6 +152,7 @@ def run_config_from_dict(raw: dict[str, Any], base_dir: Path = Path(".")) -> Run
         model=built["model"],
         dataset=built["dataset"],
         recipe=recipe,
+        stages=stages,
         **{k: built[k] for k in ("buckets", "cache", "output", "samples") if k in built},
     )
 
@@ -164,7 +181,13 @@ def with_overrides(cfg: RunConfig, path: Path) -> RunConfig:
     for section in raw:
         if section in REQUIRED:
             raise ConfigError(f"{path}: [{section}] cannot be overridden here")
-    built = {name: build_section(name, values, path.parent) for name, values in _checked(raw).items()}
+    built: dict[str, Any] = {
+        name: build_section(name, values, path.parent)
+        for name, values in _checked(raw).items()
+        if name not in TABLE_ARRAYS
+    }
+    if "stages" in raw:
+        built["stages"] = tuple(build_section("stages", table, path.parent) for table in raw["stages"])
     recipe = dataclasses.replace(cfg.recipe, **{k: v for k, v in built.items() if k in RECIPE_SECTIONS})
     return dataclasses.replace(
         cfg, recipe=recipe, **{k: v for k, v in built.items() if k not in RECIPE_SECTIONS}

@@ -1,6 +1,9 @@
 """One training run from a RunConfig: the path shared by the CLI and the demo.
 
-load dataset → buckets → latents → train → save. Training states go to
+load dataset → buckets → latents → train → save, once per `[[stages]]` entry
+(each stage continuing the previous stage's LoRA). Step callbacks, validation
+samples (`[samples]`) and intermediate saves (`output.save_every_n_steps`)
+count steps across stages. Training states go to
 `<output_dir>/state/<name>-step<N>/` every train.save_state_every_n_steps
 steps. A run that stops early (cancel, error) still saves what it trained, as
 `<name>-partial.safetensors`, and its state, to resume from.
@@ -8,6 +11,7 @@ steps. A run that stops early (cancel, error) still saves what it trained, as
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -18,13 +22,17 @@ from .backends.base import Backend
 from .buckets import bucket_report, plan_buckets
 from .config import OutputConfig, RunConfig
 from .dataset import Dataset, load_dataset
+from .errors import ConfigError
 from .export import next_free_path, save_dtype, save_lora
+from .intermediate_saves import IntermediateSaver
 from .latent_cache import build_latents
 from .metadata import training_metadata
+from .sampling import SampleWriter
+from .stages import StageConfig, check_stages, stage_buckets, stage_recipe, stages_record
 from .state import TrainingState
 from .state_files import StateWriter
 from .text_cache import maybe_cache_text
-from .train import StepCallback, TrainedLora, TrainingStopped, train
+from .train import StepCallback, StepReport, TrainedLora, TrainingStopped, total_optimizer_steps, train
 
 log = logging.getLogger(__name__)
 
@@ -43,50 +51,97 @@ def run_training(
     resume: TrainingState | None = None,
     dataset: Dataset | None = None,
 ) -> RunResult:
-    """Train per `cfg` on `backend` and save the LoRA; returns where it went.
+    """Train per `cfg` on `backend` (stage by stage if `cfg.stages`) and save the LoRA.
 
     resume: a state to continue from (state_files.load_training_state). dataset: the loaded
     `cfg.dataset`, when the caller checked it before loading the model.
     """
     if cfg.output.path.exists() and not cfg.output.overwrite:
-        from .errors import ConfigError
-
         raise ConfigError(
             f"output: {cfg.output.path} already exists; choose another output.output_name "
             "or set output.overwrite = true"
         )
+    check_stages(cfg.stages, cfg.recipe, resume is not None)
     if dataset is None:
         dataset = load_dataset(cfg.dataset)
     backend = maybe_cache_text(backend, dataset, cfg.cache, cfg.recipe)
-    plan = plan_buckets(dataset.images, cfg.buckets)
-    say(bucket_report(plan))
-    t0 = time.time()
-    latents = build_latents(dataset, plan, backend, cfg.cache)
-    say(f"latents ready ({cfg.cache.mode}) in {time.time() - t0:.1f}s")
+    stages = [_Stage(cfg, dataset, stage) for stage in (cfg.stages or (None,))]
     states = StateWriter(
         cfg.output.output_dir / "state", cfg.output.output_name, cfg.recipe.train.save_last_n_states
     )
+    samples = SampleWriter(backend, cfg.samples, cfg.output.output_dir, cfg.output.output_name)
+    grand_total, done, weights, records = sum(s.total for s in stages), 0, None, []
     if resume is not None:
         say(f"resuming after step {resume.step} (epoch {resume.epoch})")
-    try:
-        trained = train(backend, dataset, plan, latents, cfg.recipe, on_step, resume, states)
-    except TrainingStopped as stop:
-        _save_stopped(stop, states, cfg, backend, dataset, plan, say)
-        raise
-    path = _save(cfg.output.path, trained, cfg, backend, dataset, plan, overwrite=cfg.output.overwrite)
+    for stage in stages:
+        say(bucket_report(stage.plan))
+        t0 = time.time()
+        latents = build_latents(dataset, stage.plan, backend, cfg.cache)
+        say(f"latents ready ({cfg.cache.mode}) in {time.time() - t0:.1f}s")
+        saver = IntermediateSaver(
+            cfg.output.output_dir,
+            cfg.output.output_name,
+            cfg.output.save_every_n_steps,
+            cfg.output.save_last_n_saves,
+            lambda path, run, s=stage: _save(path, run, cfg, backend, s, records),
+        )
+        callbacks = _Callbacks([on_step, samples, saver], offset=done, total=grand_total)
+        try:
+            trained = train(
+                backend, dataset, stage.plan, latents, stage.recipe, callbacks, resume, states, weights
+            )
+        except TrainingStopped as stop:
+            _save_stopped(stop, states, cfg, backend, stage, records, say)
+            raise
+        done += trained.steps
+        weights = trained.network.kohya_state_dict()
+        if stage.config is not None:
+            records.append(stage.record(trained.steps))
+    path = _save(cfg.output.path, trained, cfg, backend, stage, records, overwrite=cfg.output.overwrite)
     if trained.ema is not None:
         ema_path = path.with_name(f"{path.stem}_ema.safetensors")
-        _save(ema_path, trained, cfg, backend, dataset, plan, overwrite=cfg.output.overwrite, use_ema=True)
+        _save(ema_path, trained, cfg, backend, stage, records, overwrite=cfg.output.overwrite, use_ema=True)
         say(f"EMA weights saved to {ema_path}")
     return RunResult(path, trained)
 
 
-def _save_stopped(stop: TrainingStopped, states: StateWriter, cfg, backend, dataset, plan, say) -> None:
+class _Stage:
+    """A stage's bucket plan and recipe (the whole run is one stage without `[[stages]]`)."""
+
+    def __init__(self, cfg: RunConfig, dataset: Dataset, config: StageConfig | None):
+        self.config, self.dataset = config, dataset
+        buckets = stage_buckets(cfg.buckets, config) if config else cfg.buckets
+        self.recipe = stage_recipe(cfg.recipe, config) if config else cfg.recipe
+        self.plan = plan_buckets(dataset.images, buckets)
+        self.total = total_optimizer_steps(self.plan, self.recipe.train)[0]
+
+    def record(self, steps: int) -> dict:
+        return {
+            "resolution": self.config.resolution,
+            "steps": steps,
+            "learning_rate": self.recipe.optimizer.learning_rate,
+        }
+
+
+class _Callbacks:
+    """Several step callbacks as one; steps are counted across stages."""
+
+    def __init__(self, callbacks, offset: int, total: int):
+        self.callbacks = [c for c in callbacks if c is not None]
+        self.offset, self.total = offset, total
+
+    def __call__(self, report: StepReport) -> None:
+        shifted = dataclasses.replace(report, step=report.step + self.offset, total=self.total)
+        for callback in self.callbacks:
+            callback(shifted)
+
+
+def _save_stopped(stop: TrainingStopped, states: StateWriter, cfg, backend, stage, records, say) -> None:
     """Keep what a stopped run trained: a partial LoRA and its state; a failed save is logged, not raised."""
     if stop.partial.steps > 0:
         partial = next_free_path(cfg.output.output_dir / f"{cfg.output.output_name}-partial.safetensors")
         try:
-            _save(partial, stop.partial, cfg, backend, dataset, plan, overwrite=False)
+            _save(partial, stop.partial, cfg, backend, stage, records, overwrite=False)
             say(f"training stopped after step {stop.partial.steps}; partial LoRA saved to {partial}")
         except OSError as exc:
             log.error("could not save the partial LoRA to %s: %s", partial, exc)
@@ -102,19 +157,20 @@ def _save(
     trained: TrainedLora,
     cfg: RunConfig,
     backend: Backend,
-    dataset: Dataset,
-    plan,
-    overwrite: bool,
+    stage: _Stage,
+    records: list[dict],
+    overwrite: bool = False,
     use_ema: bool = False,
 ) -> Path:
+    """Save `trained` with its metadata; a multi-stage run records its stages and total steps."""
     metadata = training_metadata(
-        recipe=cfg.recipe,
+        recipe=stage.recipe,
         family=backend.family,
         base_model_version=backend.base_model_version,
         modelspec_architecture=backend.modelspec_architecture,
         prediction_type=backend.prediction_type,
-        dataset=dataset,
-        plan=plan,
+        dataset=stage.dataset,
+        plan=stage.plan,
         output_name=cfg.output.output_name,
         model_name=cfg.model.path.name if cfg.model else "in-memory",
         steps=trained.steps,
@@ -124,6 +180,9 @@ def _save(
         finished_at=trained.finished_at,
     )
     metadata["ss_ema_weights"] = str(use_ema)
+    if records:
+        metadata["ss_stages"] = stages_record(records)
+        metadata["ss_steps"] = str(sum(r["steps"] for r in records))
     return save_lora(
         path,
         trained.kohya_state_dict(use_ema),

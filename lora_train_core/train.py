@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -109,11 +109,13 @@ def train(
     on_step: StepCallback | None = None,
     resume: TrainingState | None = None,
     save_state: Callable[[TrainingState], object] | None = None,
+    initial_weights: Mapping[str, torch.Tensor] | None = None,
 ) -> TrainedLora:
     """Train a LoRA; on any exception raise TrainingStopped carrying the partial result and state.
 
     resume: continue from this state (its settings must match `recipe`, see state.check_resumable).
     save_state: called with the state every train.save_state_every_n_steps optimiser steps.
+    initial_weights: a kohya state dict the LoRA starts from (a previous stage's result).
     """
     cfg = recipe.train
     if cfg.save_state_every_n_steps and save_state is None:
@@ -124,6 +126,8 @@ def train(
     _note_short_batches(plan, cfg)
     torch.manual_seed(cfg.seed)  # LoRA init and dropout masks
     network = build_network(backend, recipe)
+    if initial_weights is not None:
+        network.load_kohya_state_dict(initial_weights)
     groups = build_param_groups(
         network.named_lora_parameters(), backend.family, recipe.optimizer, recipe.blocks
     )

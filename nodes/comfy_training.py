@@ -23,6 +23,7 @@ from ..lora_train_core.export import next_free_path, save_dtype, save_lora
 from ..lora_train_core.latent_cache import CacheConfig, CachedLatents, LatentSample
 from ..lora_train_core.loss_plot import render_loss_plot
 from ..lora_train_core.metadata import training_metadata
+from ..lora_train_core.state_files import StateWriter, load_training_state
 from ..lora_train_core.text_cache import maybe_cache_text
 from ..lora_train_core.train import StepReport, TrainedLora, TrainingRecipe, TrainingStopped, train
 from .comfy_backend import ComfyBackend
@@ -40,8 +41,11 @@ def train_lora_in_comfy(
     save_path: Path,
     save_precision: str,
     node_id: str | None,
+    *,
+    states_dir: Path,
     also_on_step: Sequence[Callable[[StepReport], None]] = (),
     cache_text: bool = False,
+    resume: Path | None = None,
 ):
     """Train, save to `save_path` (a free name), and return (TrainedValue, MODEL, CLIP) carrying the LoRA."""
     buckets = latents.buckets
@@ -52,14 +56,29 @@ def train_lora_in_comfy(
         text_cache = CacheConfig(text_encoder_outputs="ram" if cache_text else "none")
         backend = maybe_cache_text(backend, dataset, text_cache, recipe)
         progress = _Progress(node_id, also_on_step)
+        states = StateWriter(states_dir, save_path.stem, recipe.train.save_last_n_states)
+        state = load_training_state(resume) if resume is not None else None
         try:
-            trained = train(backend, dataset, plan, _trainable(latents.latents), recipe, on_step=progress)
+            trained = train(
+                backend,
+                dataset,
+                plan,
+                _trainable(latents.latents),
+                recipe,
+                on_step=progress,
+                resume=state,
+                save_state=states,
+            )
         except TrainingStopped as stop:
             if stop.partial.steps > 0:
                 partial = next_free_path(save_path.with_name(f"{save_path.stem}-partial.safetensors"))
                 _save(partial, stop.partial, backend, recipe, dataset, plan, save_precision)
                 log.warning(
                     "training stopped at step %d; partial LoRA saved to %s", stop.partial.steps, partial
+                )
+            if stop.state is not None:
+                log.warning(
+                    "training state saved to %s; pick it in resume_from to continue", states(stop.state)
                 )
             raise (stop.__cause__ or stop) from None
     metadata = _save(save_path, trained, backend, recipe, dataset, plan, save_precision)

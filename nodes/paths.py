@@ -64,6 +64,15 @@ def resolve_dataset_folder(input_dir: Path, name: str, custom_path: str = "") ->
     return path
 
 
+def state_folder(states_dir: Path, name: str) -> Path:
+    """A saved training state `<states_dir>/<name>` chosen in Train LoRA's resume_from."""
+    _check_name("resume_from", name)
+    path = _inside(states_dir, name, "resume_from")
+    if not path.is_dir():
+        raise ConfigError(f"resume_from: no training state {name!r} in {states_dir}; refresh the page (R)")
+    return path
+
+
 def lora_save_path(loras_dir: Path, name: str) -> Path:
     """`<loras_dir>/<name>.safetensors` for a plain name; anything that could escape is refused."""
     stem = name[: -len(".safetensors")] if name.endswith(".safetensors") else name

@@ -17,13 +17,26 @@ from ..lora_train_core.loss_plot import render_loss_plot
 from ..lora_train_core.network import NetworkConfig
 from ..lora_train_core.noise import NoiseConfig
 from ..lora_train_core.optim import OptimizerConfig
+from ..lora_train_core.state_files import RECORD_FILE, state_folders
 from ..lora_train_core.train import TrainConfig, TrainingRecipe
 from .comfy_sampling import ComfySampleCallback, parse_prompts
 from .comfy_training import train_lora_in_comfy
-from .paths import lora_save_path
+from .paths import lora_save_path, state_folder
 from .values import CATEGORY, LoraLatents, LoraNetwork, LoraNoise, LoraOptimizer, LoraTrained, OptimizerValue
 
 PRECISIONS = list(SAVE_DTYPES)
+
+
+NO_STATE = "(none)"
+
+
+def states_dir() -> Path:
+    return Path(folder_paths.get_output_directory()) / "lora_train_states"
+
+
+def resumable_states() -> list[str]:
+    """Complete training states, newest step last per run name."""
+    return [folder.name for _, folder in state_folders(states_dir()) if (folder / RECORD_FILE).is_file()]
 
 
 def _loras_dir() -> Path:
@@ -108,6 +121,21 @@ class TrainLoRA(io.ComfyNode):
                     default=False,
                     tooltip="Encode each caption once (needs static captions and no text-encoder training).",
                 ),
+                io.Int.Input(
+                    "save_state_every_n_steps",
+                    default=0,
+                    min=0,
+                    max=1_000_000,
+                    tooltip="Save a resumable training state every N steps (0 = only when cancelled); "
+                    "states go to output/lora_train_states/.",
+                ),
+                io.Combo.Input(
+                    "resume_from",
+                    options=[NO_STATE, *resumable_states()],
+                    default=NO_STATE,
+                    tooltip="Continue a cancelled or saved run from its state (same settings and data); "
+                    "the result equals an uninterrupted run.",
+                ),
                 io.Vae.Input("vae", optional=True, tooltip="The checkpoint's VAE, for validation samples."),
                 LoraNetwork.Input(
                     "network",
@@ -155,6 +183,8 @@ class TrainLoRA(io.ComfyNode):
         sample_prompts="",
         sample_every_n_steps=0,
         cache_text_encoder_outputs=False,
+        save_state_every_n_steps=0,
+        resume_from=NO_STATE,
         vae=None,
         network=None,
         optimizer=None,
@@ -169,6 +199,7 @@ class TrainLoRA(io.ComfyNode):
                 gradient_checkpointing=gradient_checkpointing,
                 seed=seed,
                 mixed_precision=_mixed_precision(model),
+                save_state_every_n_steps=save_state_every_n_steps,
             ),
             network=network or NetworkConfig(network_dim=16, network_alpha=8.0, train_text_encoder=False),
             optimizer=optimizer.optimizer,
@@ -196,6 +227,8 @@ class TrainLoRA(io.ComfyNode):
             node_id,
             also_on_step=[sampler],
             cache_text=cache_text_encoder_outputs,
+            resume=None if resume_from == NO_STATE else state_folder(states_dir(), resume_from),
+            states_dir=states_dir(),
         )
         grid = sampler.grid() or render_loss_plot([], title="no sample prompts given")
         return io.NodeOutput(model_out, clip_out, trained, str(save_path), _image_tensor(grid))

@@ -40,14 +40,6 @@ BUCKETS = BucketConfig(resolution=(128, 128), min_bucket_reso=64, max_bucket_res
 RESULTS: dict[str, tuple[str, str]] = {}  # case → (outcome, message), printed by the last test
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @dataclass
 class World:
     """One case's inputs: a valid dataset and config to break, plus shared model and state."""

@@ -28,14 +28,6 @@ BUCKETS = BucketConfig(resolution=(128, 128), min_bucket_reso=64, max_bucket_res
 BAD_STEP = 3
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class _PoisonedLatents:
     """Cached latents whose `bad_read`-th read is all NaN; with batch size 1, read n is step n."""
 

@@ -44,15 +44,6 @@ BUCKETS = BucketConfig(resolution=(128, 128), min_bucket_reso=64, max_bucket_res
 TOTAL = 6
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: much faster on a shared 2-core machine, and the same for both runs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _recipe(steps=TOTAL, every=0, **network):
     return TrainingRecipe(
         train=TrainConfig(

@@ -30,15 +30,6 @@ FROZEN_TE = TrainingRecipe(
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models: on shared cores, thread contention costs far more than the work itself.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _distinct_caption_files(folder: Path) -> set[str]:
     return {p.read_text(encoding="utf-8") for p in folder.rglob("*.txt")}
 
