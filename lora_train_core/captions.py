@@ -3,9 +3,9 @@
 `process_caption` mirrors train_util.py `BaseDataset.process_caption` (prefix/suffix,
 whole-caption dropout, wildcards and multi-line captions, keep_tokens /
 keep_tokens_separator, shuffle, tag dropout, secondary separator), in kohya's order.
-`tag_frequency` is kohya's `ss_tag_frequency`. `parse_weighted_caption` and
-`apply_token_weights` mirror custom_train_functions.py `parse_prompt_attention` and
-the mean-preserving rescale of `get_weighted_text_embeddings` (`--weighted_captions`).
+`tag_frequency` is kohya's `ss_tag_frequency`. `parse_weighted_caption` mirrors
+custom_train_functions.py `parse_prompt_attention` (`--weighted_captions`);
+weighted_text.py applies the weights to the text encoders' outputs.
 
 Where we differ from kohya (each a fix of an edge case, not of an option's meaning):
 - prefix/suffix go around the line that is used; kohya adds them to the whole
@@ -13,9 +13,7 @@ Where we differ from kohya (each a fix of an edge case, not of an option's meani
 - empty tags (from "a,,b" or a trailing comma) are dropped before keep_tokens counts;
   kohya keeps them when no keep_tokens_separator is present;
 - a keep_tokens_separator in the caption is always removed (tags rejoined with ", ");
-  kohya leaves it in the text when neither shuffle nor tag dropout is on;
-- `apply_token_weights` leaves a sample unscaled where its weighted mean is exactly 0
-  (kohya divides by zero).
+  kohya leaves it in the text when neither shuffle nor tag dropout is on.
 kohya's token warmup (`token_warmup_min`/`token_warmup_step`) is not offered here.
 """
 
@@ -27,8 +25,6 @@ import random
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-
-import torch
 
 from .errors import ConfigError, DatasetError, check_int, check_range
 
@@ -73,12 +69,6 @@ class CaptionConfig:
             raise ConfigError(
                 f"{_SECTION}.keep_tokens_separator: {self.keep_tokens_separator!r} equals caption_separator; "
                 "use a distinct marker such as '|||'"
-            )
-        if self.weighted_captions:
-            # The parser and the embedding rescale exist below; the trainer does not yet tokenise
-            # weighted runs, so refuse rather than accept and ignore.
-            raise ConfigError(
-                f"{_SECTION}.weighted_captions: not implemented yet in training; set it to false"
             )
 
     @property
@@ -264,22 +254,3 @@ def _merge_equal_weights(runs: list[list]) -> list[tuple[str, float]]:
         else:
             merged_runs.append((piece, weight))
     return merged_runs or [("", 1.0)]
-
-
-def apply_token_weights(hidden: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Text-encoder output `hidden` (B, L, D) with token i scaled by weights (B, L),
-    then rescaled per sample so its mean over (L, D) is unchanged.
-
-    kohya `get_weighted_text_embeddings`: means taken in float32 and cast back to
-    hidden's dtype. Returns a new tensor (hidden may carry gradients).
-    """
-    if hidden.dim() != 3 or weights.shape != hidden.shape[:2]:
-        raise ValueError(f"weights {tuple(weights.shape)} must be hidden's (B, L) of {tuple(hidden.shape)}")
-    previous_mean = hidden.float().mean(dim=(-2, -1)).to(hidden.dtype)
-    weighted = hidden * weights.to(hidden.dtype)[..., None]
-    current_mean = weighted.float().mean(dim=(-2, -1)).to(hidden.dtype)
-    # A zero weighted mean has no finite rescale; leave that sample as weighted.
-    is_zero = current_mean == 0
-    safe_mean = torch.where(is_zero, torch.ones_like(current_mean), current_mean)
-    ratio = torch.where(is_zero, torch.ones_like(current_mean), previous_mean / safe_mean)
-    return weighted * ratio[:, None, None]

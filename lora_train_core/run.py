@@ -11,7 +11,6 @@ steps. A run that stops early (cancel, error) still saves what it trained, as
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -28,11 +27,19 @@ from .intermediate_saves import IntermediateSaver
 from .latent_cache import build_latents
 from .metadata import training_metadata
 from .sampling import SampleWriter
-from .stages import StageConfig, check_stages, stage_buckets, stage_recipe, stages_record
+from .stages import (
+    StageConfig,
+    StepOffset,
+    check_stages,
+    stage_buckets,
+    stage_recipe,
+    stage_record,
+    stages_metadata,
+)
 from .state import TrainingState
 from .state_files import StateWriter
 from .text_cache import maybe_cache_text
-from .train import StepCallback, StepReport, TrainedLora, TrainingStopped, total_optimizer_steps, train
+from .train import StepCallback, TrainedLora, TrainingStopped, total_optimizer_steps, train
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +77,7 @@ def run_training(
         cfg.output.output_dir / "state", cfg.output.output_name, cfg.recipe.train.save_last_n_states
     )
     samples = SampleWriter(backend, cfg.samples, cfg.output.output_dir, cfg.output.output_name)
-    grand_total, done, weights, records = sum(s.total for s in stages), 0, None, []
+    grand_total, done, weights, records, losses = sum(s.total for s in stages), 0, None, [], []
     if resume is not None:
         say(f"resuming after step {resume.step} (epoch {resume.epoch})")
     for stage in stages:
@@ -85,7 +92,7 @@ def run_training(
             cfg.output.save_last_n_saves,
             lambda path, run, s=stage: _save(path, run, cfg, backend, s, records),
         )
-        callbacks = _Callbacks([on_step, samples, saver], offset=done, total=grand_total)
+        callbacks = StepOffset([on_step, samples, saver], offset=done, total=grand_total)
         try:
             trained = train(
                 backend, dataset, stage.plan, latents, stage.recipe, callbacks, resume, states, weights
@@ -95,8 +102,10 @@ def run_training(
             raise
         done += trained.steps
         weights = trained.network.kohya_state_dict()
+        losses += trained.losses
         if stage.config is not None:
-            records.append(stage.record(trained.steps))
+            records.append(stage_record(stage.config, stage.recipe, trained.steps))
+    trained.losses = losses  # the whole run's curve, across stages
     path = _save(cfg.output.path, trained, cfg, backend, stage, records, overwrite=cfg.output.overwrite)
     if trained.ema is not None:
         ema_path = path.with_name(f"{path.stem}_ema.safetensors")
@@ -114,26 +123,6 @@ class _Stage:
         self.recipe = stage_recipe(cfg.recipe, config) if config else cfg.recipe
         self.plan = plan_buckets(dataset.images, buckets)
         self.total = total_optimizer_steps(self.plan, self.recipe.train)[0]
-
-    def record(self, steps: int) -> dict:
-        return {
-            "resolution": self.config.resolution,
-            "steps": steps,
-            "learning_rate": self.recipe.optimizer.learning_rate,
-        }
-
-
-class _Callbacks:
-    """Several step callbacks as one; steps are counted across stages."""
-
-    def __init__(self, callbacks, offset: int, total: int):
-        self.callbacks = [c for c in callbacks if c is not None]
-        self.offset, self.total = offset, total
-
-    def __call__(self, report: StepReport) -> None:
-        shifted = dataclasses.replace(report, step=report.step + self.offset, total=self.total)
-        for callback in self.callbacks:
-            callback(shifted)
 
 
 def _save_stopped(stop: TrainingStopped, states: StateWriter, cfg, backend, stage, records, say) -> None:
@@ -180,9 +169,7 @@ def _save(
         finished_at=trained.finished_at,
     )
     metadata["ss_ema_weights"] = str(use_ema)
-    if records:
-        metadata["ss_stages"] = stages_record(records)
-        metadata["ss_steps"] = str(sum(r["steps"] for r in records))
+    metadata.update(stages_metadata(records))
     return save_lora(
         path,
         trained.kohya_state_dict(use_ema),

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from .buckets import BucketConfig
 from .errors import ConfigError, check_int, check_range
-from .train import TrainingRecipe
+from .train import StepReport, TrainingRecipe
 
 
 @dataclass(frozen=True)
@@ -68,6 +68,25 @@ def check_stages(stages: tuple[StageConfig, ...], recipe: TrainingRecipe, resumi
         raise ConfigError("stages: EMA across stages is not implemented yet; set ema.enabled = false")
 
 
-def stages_record(records: list[dict]) -> str:
-    """`ss_stages`: JSON list of {resolution, steps, epochs, learning_rate} per stage, in order."""
-    return json.dumps(records)
+def stage_record(stage: StageConfig, recipe: TrainingRecipe, steps: int) -> dict:
+    return {"resolution": stage.resolution, "steps": steps, "learning_rate": recipe.optimizer.learning_rate}
+
+
+def stages_metadata(records: list[dict]) -> dict[str, str]:
+    """`ss_stages` (JSON list of {resolution, steps, learning_rate} in order) and the total `ss_steps`."""
+    if not records:
+        return {}
+    return {"ss_stages": json.dumps(records), "ss_steps": str(sum(r["steps"] for r in records))}
+
+
+class StepOffset:
+    """Step callbacks as one, counting steps across stages (stage k's step 1 is overall step offset+1)."""
+
+    def __init__(self, callbacks, offset: int, total: int):
+        self.callbacks = [c for c in callbacks if c is not None]
+        self.offset, self.total = offset, total
+
+    def __call__(self, report: StepReport) -> None:
+        shifted = dataclasses.replace(report, step=report.step + self.offset, total=self.total)
+        for callback in self.callbacks:
+            callback(shifted)

@@ -27,6 +27,7 @@ from .noise import add_noise, perturbed_noise, sample_noise, sample_timesteps, v
 from .param_groups import set_text_encoder_trainable
 from .state import RngState, TrainingState, data_fingerprint, recipe_record
 from .trained import NonFiniteError, StepReport, TrainedLora
+from .weighted_text import encode_weighted_captions
 
 log = logging.getLogger(__name__)
 MIXED_PRECISION = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -143,6 +144,8 @@ class StepRunner:
             self._text_encoder_was_training = self.text_encoder_trains
         grad = self.recipe.network.train_text_encoder and self.text_encoder_trains
         with contextlib.nullcontext() if grad else torch.no_grad():
+            if self.recipe.captions.weighted_captions:
+                return encode_weighted_captions(self.backend, captions)
             return self.backend.encode_text(captions)
 
     def _autocast(self):

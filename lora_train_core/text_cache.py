@@ -163,6 +163,12 @@ def check_text_cacheable(mode: str, train_text_encoder: bool, captions: CaptionC
             "network.train_text_encoder = true trains it; set network.train_text_encoder = false "
             "or cache.text_encoder_outputs = 'none'"
         )
+    if captions.weighted_captions:
+        # The cache keys and encodes plain text; kohya refuses this pairing too (sdxl_train.py).
+        raise ConfigError(
+            f"cache.text_encoder_outputs: {mode!r} is not supported with captions.weighted_captions = true; "
+            "set cache.text_encoder_outputs = 'none' or captions.weighted_captions = false"
+        )
     if captions.varies_per_step:
         varying = [
             f"captions.{name} = {getattr(captions, name)!r}"

@@ -10,7 +10,7 @@ from comfy_api.v0_0_2 import ComfyExtension, io
 from .config_nodes import ConfigureNetwork, ConfigureNoise, ConfigureOptimizer
 from .dataset_nodes import Bucketize, CacheLatents, LoadDataset
 from .merge_nodes import MergeLoRAs
-from .train_nodes import EMAExport, LossPlot, TrainLoRA
+from .train_nodes import EMAExport, LossPlot, TrainingStages, TrainLoRA
 
 NODES: list[type[io.ComfyNode]] = [
     LoadDataset,
@@ -23,6 +23,7 @@ NODES: list[type[io.ComfyNode]] = [
     EMAExport,
     LossPlot,
     MergeLoRAs,
+    TrainingStages,
 ]
 
 

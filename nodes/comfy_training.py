@@ -19,13 +19,31 @@ import comfy.sd
 import comfy.utils
 import torch
 
+from ..lora_train_core.buckets import plan_buckets
+from ..lora_train_core.errors import ConfigError
 from ..lora_train_core.export import next_free_path, save_dtype, save_lora
-from ..lora_train_core.latent_cache import CacheConfig, CachedLatents, LatentSample
+from ..lora_train_core.latent_cache import CacheConfig, CachedLatents, LatentSample, build_latents
 from ..lora_train_core.loss_plot import render_loss_plot
 from ..lora_train_core.metadata import training_metadata
+from ..lora_train_core.stages import (
+    StageConfig,
+    StepOffset,
+    check_stages,
+    stage_buckets,
+    stage_recipe,
+    stage_record,
+    stages_metadata,
+)
 from ..lora_train_core.state_files import StateWriter, load_training_state
 from ..lora_train_core.text_cache import maybe_cache_text
-from ..lora_train_core.train import StepReport, TrainedLora, TrainingRecipe, TrainingStopped, train
+from ..lora_train_core.train import (
+    StepReport,
+    TrainedLora,
+    TrainingRecipe,
+    TrainingStopped,
+    total_optimizer_steps,
+    train,
+)
 from .comfy_backend import ComfyBackend
 from .values import LatentsValue, TrainedValue
 
@@ -46,46 +64,80 @@ def train_lora_in_comfy(
     also_on_step: Sequence[Callable[[StepReport], None]] = (),
     cache_text: bool = False,
     resume: Path | None = None,
+    stages: Sequence[StageConfig] = (),
+    vae=None,
 ):
-    """Train, save to `save_path` (a free name), and return (TrainedValue, MODEL, CLIP) carrying the LoRA."""
-    buckets = latents.buckets
-    dataset, plan = buckets.data.dataset, buckets.plan
+    """Train (stage by stage if `stages`), save to `save_path` (a free name), and return
+    (TrainedValue, MODEL, CLIP) carrying the LoRA."""
+    dataset = latents.buckets.data.dataset
+    check_stages(tuple(stages), recipe, resume is not None)
+    if stages and vae is None:
+        raise ConfigError(
+            "Train LoRA: training stages re-encode the images at each resolution; connect the VAE"
+        )
     with torch.inference_mode(False), torch.enable_grad():
-        backend = ComfyBackend(model, clip)
+        backend = ComfyBackend(model, clip, vae)
         backend.prepare_for_training()
         text_cache = CacheConfig(text_encoder_outputs="ram" if cache_text else "none")
         backend = maybe_cache_text(backend, dataset, text_cache, recipe)
+        runs = _stage_runs(backend, latents, recipe, stages)
         progress = _Progress(node_id, also_on_step)
         states = StateWriter(states_dir, save_path.stem, recipe.train.save_last_n_states)
         state = load_training_state(resume) if resume is not None else None
-        try:
-            trained = train(
-                backend,
-                dataset,
-                plan,
-                _trainable(latents.latents),
-                recipe,
-                on_step=progress,
-                resume=state,
-                save_state=states,
-            )
-        except TrainingStopped as stop:
-            if stop.partial.steps > 0:
-                partial = next_free_path(save_path.with_name(f"{save_path.stem}-partial.safetensors"))
-                _save(partial, stop.partial, backend, recipe, dataset, plan, save_precision)
-                log.warning(
-                    "training stopped at step %d; partial LoRA saved to %s", stop.partial.steps, partial
+        done, weights, records, losses = 0, None, [], []
+        total = sum(total_optimizer_steps(plan, run_recipe.train)[0] for plan, _, run_recipe, _ in runs)
+        for plan, stage_latents, run_recipe, stage in runs:
+            try:
+                trained = train(
+                    backend,
+                    dataset,
+                    plan,
+                    stage_latents,
+                    run_recipe,
+                    on_step=StepOffset([progress], done, total),
+                    resume=state,
+                    save_state=states,
+                    initial_weights=weights,
                 )
-            if stop.state is not None:
-                log.warning(
-                    "training state saved to %s; pick it in resume_from to continue", states(stop.state)
+            except TrainingStopped as stop:
+                _keep_stopped(
+                    stop, save_path, backend, run_recipe, dataset, plan, records, save_precision, states
                 )
-            raise (stop.__cause__ or stop) from None
-    metadata = _save(save_path, trained, backend, recipe, dataset, plan, save_precision)
+                raise (stop.__cause__ or stop) from None
+            done, weights = done + trained.steps, trained.network.kohya_state_dict()
+            losses += trained.losses
+            if stage is not None:
+                records.append(stage_record(stage, run_recipe, trained.steps))
+    trained.losses = losses  # the whole run's curve, across stages
+    metadata = _save(save_path, trained, backend, run_recipe, dataset, plan, records, save_precision)
     # The in-graph result is exactly what LoraLoader gives for the saved file: same tensors, same loader.
     lora = comfy.utils.load_torch_file(str(save_path), safe_load=True)
     model_out, clip_out = comfy.sd.load_lora_for_models(model, clip, lora, 1.0, 1.0)
     return TrainedValue(trained, metadata, save_path), model_out, clip_out
+
+
+def _stage_runs(backend, latents: LatentsValue, recipe: TrainingRecipe, stages: Sequence[StageConfig]):
+    """(plan, latents, recipe, stage) per stage; without stages, the graph's own plan and latents."""
+    plan = latents.buckets.plan
+    if not stages:
+        return [(plan, _trainable(latents.latents), recipe, None)]
+    dataset = latents.buckets.data.dataset
+    runs = []
+    for stage in stages:
+        stage_plan = plan_buckets(dataset.images, stage_buckets(plan.config, stage))
+        stage_latents = build_latents(dataset, stage_plan, backend, CacheConfig(mode="ram"))
+        runs.append((stage_plan, stage_latents, stage_recipe(recipe, stage), stage))
+    return runs
+
+
+def _keep_stopped(stop, save_path, backend, recipe, dataset, plan, records, save_precision, states) -> None:
+    """A cancelled or failed run keeps a `-partial` LoRA and its training state."""
+    if stop.partial.steps > 0:
+        partial = next_free_path(save_path.with_name(f"{save_path.stem}-partial.safetensors"))
+        _save(partial, stop.partial, backend, recipe, dataset, plan, records, save_precision)
+        log.warning("training stopped at step %d; partial LoRA saved to %s", stop.partial.steps, partial)
+    if stop.state is not None:
+        log.warning("training state saved to %s; pick it in resume_from to continue", states(stop.state))
 
 
 class _Progress:
@@ -127,8 +179,8 @@ def _save(
     recipe: TrainingRecipe,
     dataset,
     plan,
+    records,
     save_precision: str,
-    use_ema: bool = False,
 ) -> dict[str, str]:
     metadata = lora_metadata(
         trained,
@@ -141,8 +193,9 @@ def _save(
         plan,
         path.stem,
     )
-    metadata["ss_ema_weights"] = str(use_ema)
-    save_lora(path, trained.kohya_state_dict(use_ema), metadata, save_dtype(save_precision))
+    metadata["ss_ema_weights"] = "False"
+    metadata.update(stages_metadata(records))
+    save_lora(path, trained.kohya_state_dict(), metadata, save_dtype(save_precision))
     return metadata
 
 

@@ -17,12 +17,22 @@ from ..lora_train_core.loss_plot import render_loss_plot
 from ..lora_train_core.network import NetworkConfig
 from ..lora_train_core.noise import NoiseConfig
 from ..lora_train_core.optim import OptimizerConfig
+from ..lora_train_core.stages import StageConfig
 from ..lora_train_core.state_files import RECORD_FILE, state_folders
 from ..lora_train_core.train import TrainConfig, TrainingRecipe
 from .comfy_sampling import ComfySampleCallback, parse_prompts
 from .comfy_training import train_lora_in_comfy
 from .paths import lora_save_path, state_folder
-from .values import CATEGORY, LoraLatents, LoraNetwork, LoraNoise, LoraOptimizer, LoraTrained, OptimizerValue
+from .values import (
+    CATEGORY,
+    LoraLatents,
+    LoraNetwork,
+    LoraNoise,
+    LoraOptimizer,
+    LoraStages,
+    LoraTrained,
+    OptimizerValue,
+)
 
 PRECISIONS = list(SAVE_DTYPES)
 
@@ -147,6 +157,12 @@ class TrainLoRA(io.ComfyNode):
                     optional=True,
                     tooltip="From Configure Optimizer (default: AdamW 1e-4, constant).",
                 ),
+                LoraStages.Input(
+                    "stages",
+                    optional=True,
+                    tooltip="From Training Stages: train through stages of growing resolution (needs the "
+                    "VAE; replaces max_train_steps).",
+                ),
                 LoraNoise.Input(
                     "noise", optional=True, tooltip="From Configure Noise (default: plain noise, L2 loss)."
                 ),
@@ -189,6 +205,7 @@ class TrainLoRA(io.ComfyNode):
         network=None,
         optimizer=None,
         noise=None,
+        stages=None,
     ) -> io.NodeOutput:
         optimizer = optimizer or OptimizerValue(OptimizerConfig(), EMAConfig(), None)
         recipe = TrainingRecipe(
@@ -229,6 +246,8 @@ class TrainLoRA(io.ComfyNode):
             cache_text=cache_text_encoder_outputs,
             resume=None if resume_from == NO_STATE else state_folder(states_dir(), resume_from),
             states_dir=states_dir(),
+            stages=stages or (),
+            vae=vae,
         )
         grid = sampler.grid() or render_loss_plot([], title="no sample prompts given")
         return io.NodeOutput(model_out, clip_out, trained, str(save_path), _image_tensor(grid))
@@ -243,6 +262,55 @@ def _mixed_precision(model) -> str:
     """Autocast (and, for fp16, a grad scaler) matching the dtype ComfyUI runs the model in."""
     dtype = model.model.manual_cast_dtype or model.model.get_dtype()
     return {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, "no")
+
+
+class TrainingStages(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="LoRATrainer_TrainingStages",
+            display_name="Training Stages",
+            category=f"{CATEGORY}/config",
+            description="Progressive training: one LoRA through stages of growing resolution, each with "
+            "its own steps and learning rate; each stage re-buckets and re-encodes at its resolution.",
+            inputs=[
+                io.String.Input(
+                    "stages",
+                    default="512 300\n768 200\n1024 100 5e-5",
+                    multiline=True,
+                    tooltip="One stage per line: resolution, steps, and optionally a learning rate "
+                    "(else the optimizer's).",
+                ),
+            ],
+            outputs=[LoraStages.Output(display_name="stages", tooltip="For Train LoRA's stages input.")],
+        )
+
+    @classmethod
+    def execute(cls, stages) -> io.NodeOutput:
+        return io.NodeOutput(parse_stages(stages))
+
+
+def parse_stages(text: str) -> tuple[StageConfig, ...]:
+    """ "512 300 1e-4" per line → StageConfig(resolution=512, max_train_steps=300, learning_rate=1e-4)."""
+    parsed = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        fields = line.split("#", 1)[0].split()
+        if not fields:
+            continue
+        try:
+            if len(fields) not in (2, 3):
+                raise ValueError
+            resolution, steps = int(fields[0]), int(fields[1])
+            lr = float(fields[2]) if len(fields) == 3 else None
+        except ValueError:
+            raise ConfigError(
+                f"Training Stages: line {number} {line.strip()!r} is not 'resolution steps [learning_rate]', "
+                "e.g. '768 200' or '1024 100 5e-5'"
+            ) from None
+        parsed.append(StageConfig(resolution=resolution, max_train_steps=steps, learning_rate=lr))
+    if not parsed:
+        raise ConfigError("Training Stages: give at least one stage line, e.g. '512 300'")
+    return tuple(parsed)
 
 
 class EMAExport(io.ComfyNode):

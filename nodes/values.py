@@ -29,6 +29,7 @@ LoraNoise = io.Custom("LORA_NOISE")
 LoraOptimizer = io.Custom("LORA_OPTIMIZER")
 LoraNetwork = io.Custom("LORA_NETWORK")
 LoraTrained = io.Custom("LORA_TRAINED")
+LoraStages = io.Custom("LORA_STAGES")
 
 CATEGORY = "LoRA Training"
 

@@ -7,11 +7,9 @@ import random
 import re
 
 import pytest
-import torch
 
 from lora_train_core.captions import (
     CaptionConfig,
-    apply_token_weights,
     merged,
     parse_weighted_caption,
     process_caption,
@@ -215,9 +213,10 @@ def test_invalid_values_are_refused_naming_the_field(field, value):
         CaptionConfig(**{field: value})
 
 
-def test_weighted_captions_are_refused_until_the_trainer_applies_them():
-    with pytest.raises(ConfigError, match="weighted_captions: not implemented yet"):
-        CaptionConfig(weighted_captions=True)
+def test_weighted_captions_are_accepted_and_type_checked():
+    assert CaptionConfig(weighted_captions=True).weighted_captions is True
+    with pytest.raises(ConfigError, match=r"captions\.weighted_captions: 'yes' is not a bool"):
+        CaptionConfig(weighted_captions="yes")
 
 
 def test_merged_applies_a_subsets_overrides_and_validates_them():
@@ -275,20 +274,3 @@ def test_weighted_caption_parse_matches_a1111_attention_rules(text, expected):
 def test_weighted_caption_with_malformed_weight_is_a_dataset_error():
     with pytest.raises(DatasetError, match=r"1\.2\.3"):
         parse_weighted_caption("(tag:1.2.3)")
-
-
-def test_apply_token_weights_scales_tokens_and_keeps_each_samples_mean():
-    generator = torch.Generator().manual_seed(0)
-    hidden = torch.randn(2, 4, 3, generator=generator, dtype=torch.float64) + 0.5
-    weights = torch.tensor([[1.0, 1.1, 1.0, 0.5], [1.0, 1.0, 1.0, 1.0]], dtype=torch.float64)
-    out = apply_token_weights(hidden, weights)
-    for b in range(2):
-        before = sum(hidden[b, i, j].item() for i in range(4) for j in range(3)) / 12
-        weighted_mean = (
-            sum(hidden[b, i, j].item() * weights[b, i].item() for i in range(4) for j in range(3)) / 12
-        )
-        for i in range(4):
-            expected = hidden[b, i] * weights[b, i] * (before / weighted_mean)
-            torch.testing.assert_close(out[b, i], expected)
-        assert out[b].mean().item() == pytest.approx(before)
-    torch.testing.assert_close(out[1], hidden[1])  # all-ones weights change nothing
