@@ -91,7 +91,14 @@ def training_metadata(
     net, opt, noise, loss, train = recipe.network, recipe.optimizer, recipe.noise, recipe.loss, recipe.train
     bucket_cfg = plan.config
     network_args = {"conv_dim": net.conv_dim, "conv_alpha": net.conv_alpha} if net.conv_dim else {}
-    for name in ("rank_dropout", "module_dropout"):
+    for name in (
+        "rank_dropout",
+        "module_dropout",
+        "block_dims",
+        "block_alphas",
+        "conv_block_dims",
+        "conv_block_alphas",
+    ):
         if getattr(net, name):
             network_args[name] = getattr(net, name)
     meta = {

@@ -25,10 +25,10 @@ from .ema import EMAConfig, LoraEMA
 from .errors import ConfigError, check_choice, check_int
 from .latent_cache import CachedLatents, OnTheFlyLatents
 from .loss import LossConfig, check_loss_for_prediction_type, rescale_zero_terminal_snr
-from .network import LoRANetwork, NetworkConfig
+from .network import LoRANetwork, NetworkConfig, is_conv_kxk
 from .noise import NoiseConfig
 from .optim import OptimizerConfig, build_optimizer
-from .param_groups import BlockWeights, build_param_groups, excluded_modules
+from .param_groups import BlockWeights, build_param_groups, excluded_modules, per_module_dims
 from .schedule import build_lr_scheduler
 from .state import TrainingState, check_resumable, data_fingerprint
 from .step import MIXED_PRECISION, StepRunner
@@ -180,11 +180,20 @@ def _note_short_batches(plan: BucketPlan, cfg: TrainConfig) -> None:
 def build_network(backend: Backend, recipe: TrainingRecipe) -> LoRANetwork:
     """The LoRA over the backend's kohya targets, minus blocks of LR weight 0 (kohya never makes them)."""
     net = recipe.network
-    targets = backend.lora_targets(net.conv_dim > 0, net.train_unet, net.train_text_encoder)
+    targets = backend.lora_targets(net.trains_conv, net.train_unet, net.train_text_encoder)
     if recipe.blocks is not None:
         dropped = set(excluded_modules([t.name for t in targets], backend.family, recipe.blocks))
         targets = [t for t in targets if t.name not in dropped]
-    return LoRANetwork(targets, net).to(backend.device)
+    dims, alphas = per_module_dims(
+        [t.name for t in targets],
+        backend.family,
+        net.block_dims,
+        net.block_alphas,
+        conv_block_dims=net.conv_block_dims,
+        conv_block_alphas=net.conv_block_alphas,
+        conv3x3_modules=frozenset(t.name for t in targets if is_conv_kxk(t.module)),
+    )
+    return LoRANetwork(targets, net, dims, alphas).to(backend.device)
 
 
 def _set_train_mode(backend: Backend, network: LoRANetwork, cfg: TrainConfig, training: bool) -> None:

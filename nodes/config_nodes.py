@@ -12,6 +12,7 @@ import re
 from comfy_api.v0_0_2 import io
 
 from ..lora_train_core.ema import EMAConfig
+from ..lora_train_core.errors import ConfigError
 from ..lora_train_core.loss import LossConfig
 from ..lora_train_core.network import NetworkConfig
 from ..lora_train_core.noise import NoiseConfig
@@ -324,10 +325,40 @@ class ConfigureNetwork(io.ComfyNode):
                     tooltip="Also train text-encoder LoRA "
                     "(not yet supported inside ComfyUI: train from the CLI).",
                 ),
+                *(
+                    io.String.Input(
+                        name,
+                        default="",
+                        tooltip=f"kohya {name}: one value per UNet block, "
+                        "comma separated (25 for SD1.5, 23 for SDXL); empty = off.",
+                    )
+                    for name in BLOCK_LISTS
+                ),
             ],
             outputs=[LoraNetwork.Output(display_name="network", tooltip="LoRA network settings.")],
         )
 
     @classmethod
     def execute(cls, **widgets) -> io.NodeOutput:
-        return io.NodeOutput(NetworkConfig(**widgets))
+        lists = {name: _numbers(name, widgets.pop(name, "")) for name in BLOCK_LISTS}
+        for name in ("block_dims", "conv_block_dims"):
+            if lists[name] is not None:
+                if not all(v.is_integer() for v in lists[name]):
+                    raise ConfigError(f"Configure Network: {name} must be whole numbers (ranks)")
+                lists[name] = tuple(int(v) for v in lists[name])
+        return io.NodeOutput(NetworkConfig(**widgets, **lists))
+
+
+BLOCK_LISTS = ("block_dims", "block_alphas", "conv_block_dims", "conv_block_alphas")
+
+
+def _numbers(field: str, text: str) -> tuple[float, ...] | None:
+    """ "4, 4, 8" → (4.0, 4.0, 8.0); "" → None."""
+    if not text.strip():
+        return None
+    try:
+        return tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise ConfigError(
+            f"Configure Network: {field} {text!r} is not a comma-separated list of numbers"
+        ) from None

@@ -136,3 +136,28 @@ def test_stop_text_encoder_training_freezes_text_encoder_lora_after_n_steps(shap
     assert any(weights[2][k].abs().sum() > 0 for k in te)  # the text encoder did train for 2 steps
     assert all(torch.equal(weights[2][k], weights[4][k]) for k in te)
     assert any(not torch.equal(weights[2][k], weights[4][k]) for k in unet)
+
+
+def test_block_dims_set_each_blocks_rank_and_dim_0_leaves_a_block_out(shapes_dataset):
+    """SD1.5 layout, 25 values; the tiny UNet's modules sit in blocks 1-2 (down), 12 (mid), 13+ (up)."""
+    from lora_train_core.param_groups import block_index
+
+    dims = [4] * 25
+    dims[12] = 0  # no LoRA in the mid block
+    dims[1] = 2
+    backend = tiny_backend("sd15", seed=0)
+    dataset, plan, latents = _setup(backend, shapes_dataset)
+    network = NetworkConfig(
+        network_dim=8,
+        network_alpha=8.0,
+        block_dims=tuple(dims),
+        block_alphas=(1.0,) * 25,
+        train_text_encoder=False,
+    )
+    recipe = dataclasses.replace(_recipe(max_train_steps=1), network=network)
+    weights = _weights(train(backend, dataset, plan, latents, recipe))
+    downs = {k.rsplit(".", 2)[0]: v for k, v in weights.items() if k.endswith("lora_down.weight")}
+    assert not [m for m in downs if block_index(m, "sd15") == 12]
+    for module, down in downs.items():
+        assert down.shape[0] == dims[block_index(module, "sd15")], module
+        assert weights[f"{module}.alpha"].item() == 1.0
