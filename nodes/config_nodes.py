@@ -16,19 +16,11 @@ from ..lora_train_core.errors import ConfigError
 from ..lora_train_core.loss import LossConfig
 from ..lora_train_core.network import NetworkConfig
 from ..lora_train_core.noise import NoiseConfig
-from ..lora_train_core.optim import OPTIMIZERS, OptimizerConfig
+from ..lora_train_core.optim import LR_SCHEDULERS, OPTIMIZERS, OptimizerConfig
 from ..lora_train_core.param_groups import BlockWeights
 from .values import CATEGORY, LoraNetwork, LoraNoise, LoraOptimizer, NoiseValue, OptimizerValue
 
-SCHEDULERS = [
-    "constant",
-    "constant_with_warmup",
-    "linear",
-    "cosine",
-    "cosine_with_restarts",
-    "polynomial",
-    "adafactor",
-]
+SCHEDULERS = list(LR_SCHEDULERS)
 
 
 def _fields(cls, values: dict) -> dict:
