@@ -19,7 +19,6 @@ from torch import Tensor
 from lora_train_core.published_configs import SD15_UNET, SDXL_UNET
 from lora_train_core.tiny_models import tiny_unet
 
-
 TEXT_TOKENS = 77
 
 
