@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
@@ -77,8 +78,10 @@ def _parser() -> argparse.ArgumentParser:
 def _device(name: str | None):
     import torch
 
+    # Under accelerate launch / torchrun each process takes the GPU of its LOCAL_RANK.
+    default = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
     try:
-        device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+        device = torch.device(name or default)
     except RuntimeError:
         raise LoraTrainError(f"--device: {name!r} is not a torch device; use cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():

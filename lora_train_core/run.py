@@ -21,6 +21,7 @@ from .backends.base import Backend
 from .buckets import bucket_report, plan_buckets
 from .config import OutputConfig, RunConfig
 from .dataset import Dataset, load_dataset
+from .distributed import DataParallel
 from .errors import ConfigError
 from .export import next_free_path, save_dtype, save_lora
 from .intermediate_saves import IntermediateSaver
@@ -69,21 +70,31 @@ def run_training(
             "or set output.overwrite = true"
         )
     check_stages(cfg.stages, cfg.recipe, resume is not None)
+    dist = DataParallel.from_environment()
+    if not dist.is_main:  # only rank 0 prints and writes
+        say, on_step = _quiet, None
     if dataset is None:
         dataset = load_dataset(cfg.dataset)
     backend = maybe_cache_text(backend, dataset, cfg.cache, cfg.recipe)
-    stages = [_Stage(cfg, dataset, stage) for stage in (cfg.stages or (None,))]
+    stages = [_Stage(cfg, dataset, stage, dist.world_size) for stage in (cfg.stages or (None,))]
     states = StateWriter(
         cfg.output.output_dir / "state", cfg.output.output_name, cfg.recipe.train.save_last_n_states
     )
     samples = SampleWriter(backend, cfg.samples, cfg.output.output_dir, cfg.output.output_name)
+    train_cfg = cfg.recipe.train
+    say(
+        f"effective batch: {train_cfg.train_batch_size} per process x {dist.world_size} process(es) x "
+        f"{train_cfg.gradient_accumulation_steps} accumulation = {stages[0].total_batch}; "
+        "the learning rate is used as given (not scaled with the batch)"
+    )
     grand_total, done, weights, records, losses = sum(s.total for s in stages), 0, None, [], []
     if resume is not None:
         say(f"resuming after step {resume.step} (epoch {resume.epoch})")
     for stage in stages:
         say(bucket_report(stage.plan))
         t0 = time.time()
-        latents = build_latents(dataset, stage.plan, backend, cfg.cache)
+        with dist.main_first():  # rank 0 fills a disk cache; the others then read it
+            latents = build_latents(dataset, stage.plan, backend, cfg.cache)
         say(f"latents ready ({cfg.cache.mode}) in {time.time() - t0:.1f}s")
         saver = IntermediateSaver(
             cfg.output.output_dir,
@@ -92,10 +103,20 @@ def run_training(
             cfg.output.save_last_n_saves,
             lambda path, run, s=stage: _save(path, run, cfg, backend, s, records),
         )
-        callbacks = StepOffset([on_step, samples, saver], offset=done, total=grand_total)
+        writers = [on_step, samples, saver] if dist.is_main else []
+        callbacks = StepOffset(writers, offset=done, total=grand_total)
         try:
             trained = train(
-                backend, dataset, stage.plan, latents, stage.recipe, callbacks, resume, states, weights
+                backend,
+                dataset,
+                stage.plan,
+                latents,
+                stage.recipe,
+                callbacks,
+                resume,
+                states if dist.is_main else _quiet,
+                weights,
+                dist,
             )
         except TrainingStopped as stop:
             _save_stopped(stop, states, cfg, backend, stage, records, say)
@@ -106,6 +127,8 @@ def run_training(
         if stage.config is not None:
             records.append(stage_record(stage.config, stage.recipe, trained.steps))
     trained.losses = losses  # the whole run's curve, across stages
+    if not dist.is_main:
+        return RunResult(cfg.output.path, trained)
     path = _save(cfg.output.path, trained, cfg, backend, stage, records, overwrite=cfg.output.overwrite)
     if trained.ema is not None:
         ema_path = path.with_name(f"{path.stem}_ema.safetensors")
@@ -114,15 +137,21 @@ def run_training(
     return RunResult(path, trained)
 
 
+def _quiet(*_args) -> None:
+    """Stands in for printing and writing on ranks other than 0."""
+
+
 class _Stage:
     """A stage's bucket plan and recipe (the whole run is one stage without `[[stages]]`)."""
 
-    def __init__(self, cfg: RunConfig, dataset: Dataset, config: StageConfig | None):
-        self.config, self.dataset = config, dataset
+    def __init__(self, cfg: RunConfig, dataset: Dataset, config: StageConfig | None, world_size: int = 1):
+        self.config, self.dataset, self.world_size = config, dataset, world_size
         buckets = stage_buckets(cfg.buckets, config) if config else cfg.buckets
         self.recipe = stage_recipe(cfg.recipe, config) if config else cfg.recipe
         self.plan = plan_buckets(dataset.images, buckets)
-        self.total = total_optimizer_steps(self.plan, self.recipe.train)[0]
+        self.total = total_optimizer_steps(self.plan, self.recipe.train, world_size)[0]
+        train_cfg = self.recipe.train
+        self.total_batch = train_cfg.train_batch_size * world_size * train_cfg.gradient_accumulation_steps
 
 
 def _save_stopped(stop: TrainingStopped, states: StateWriter, cfg, backend, stage, records, say) -> None:
@@ -170,6 +199,8 @@ def _save(
     )
     metadata["ss_ema_weights"] = str(use_ema)
     metadata.update(stages_metadata(records))
+    metadata["ss_num_processes"] = str(stage.world_size)
+    metadata["ss_total_batch_size"] = str(stage.total_batch)
     return save_lora(
         path,
         trained.kohya_state_dict(use_ema),

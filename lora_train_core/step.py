@@ -22,6 +22,7 @@ import torch
 from .backends.base import TextConditioning
 from .buckets import BucketPlan, epoch_batches
 from .captions import process_caption
+from .distributed import SINGLE_PROCESS, DataParallel
 from .loss import training_loss
 from .noise import add_noise, perturbed_noise, sample_noise, sample_timesteps, velocity_target
 from .param_groups import set_text_encoder_trainable
@@ -48,10 +49,11 @@ class StepRunner:
         ema,
         alphas_cumprod,
         save_state,
+        dist: DataParallel = SINGLE_PROCESS,
     ):
         self.backend, self.dataset, self.latents, self.recipe = backend, dataset, latents, recipe
         self.network, self.optimizer, self.scheduler, self.ema = network, optimizer, scheduler, ema
-        self.alphas_cumprod, self.save_state = alphas_cumprod, save_state
+        self.alphas_cumprod, self.save_state, self.dist = alphas_cumprod, save_state, dist
         cfg = recipe.train
         self.generator = torch.Generator(backend.device).manual_seed(cfg.seed)
         self.caption_rng = random.Random(cfg.seed)
@@ -68,7 +70,8 @@ class StepRunner:
     def run_epoch(self, plan: BucketPlan, epoch: int, result: TrainedLora, on_step, skip: int = 0) -> bool:
         """Run one epoch from its batch `skip`; True once the run's total steps are done."""
         cfg = self.recipe.train
-        batches = epoch_batches(plan, cfg.train_batch_size, cfg.seed, epoch)
+        # Every rank walks the same global batches and computes its own share of each.
+        batches = epoch_batches(plan, cfg.train_batch_size * self.dist.world_size, cfg.seed, epoch)
         for index in range(skip, len(batches)):
             _bucket, indices = batches[index]
             self.text_encoder_trains = self.recipe.optimizer.text_encoder_trains_at(result.steps)
@@ -116,20 +119,25 @@ class StepRunner:
             target = velocity_target(latents, noise, timesteps, self.alphas_cumprod)
         else:
             target = noise
+        # Everything above was drawn for the whole global batch; this rank computes its share.
+        mine = self.dist.share(len(indices))
+        if mine.start == mine.stop:  # more ranks than samples: this rank only joins the averaging
+            return self.dist.mean(torch.zeros((), device=backend.device)).item()
         with self._autocast():
-            text = self._encode_text(captions)
-            pred = backend.predict(noisy, timesteps, text, size_cond)
+            text = self._encode_text(captions[mine])
+            pred = backend.predict(noisy[mine], timesteps[mine], text, size_cond[mine])
+        weights = self._sample_weights(indices[mine])
         loss = training_loss(
             pred,
-            target,
-            timesteps,
+            target[mine],
+            timesteps[mine],
             self.alphas_cumprod,
             backend.prediction_type,
             recipe.loss,
-            self._sample_weights(indices),
-        )
+            weights,
+        ) * self.dist.loss_weight(len(indices))
         self.scaler.scale(loss / recipe.train.gradient_accumulation_steps).backward()
-        return loss.detach().item()
+        return self.dist.mean(loss.detach()).item()
 
     def _sample_weights(self, indices) -> torch.Tensor | None:
         """Per-sample loss weights (prior_loss_weight on regularisation images); None when all are 1."""
@@ -155,6 +163,7 @@ class StepRunner:
 
     def optimizer_step(self, step: int, result: TrainedLora) -> None:
         opt_cfg = self.recipe.optimizer
+        self.dist.average_gradients(self.params)
         if opt_cfg.max_grad_norm > 0:
             self.scaler.unscale_(self.optimizer)
             norm = torch.nn.utils.clip_grad_norm_(self.params, opt_cfg.max_grad_norm)

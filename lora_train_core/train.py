@@ -21,6 +21,7 @@ from .backends.base import Backend
 from .buckets import BucketPlan, epoch_batches
 from .captions import CaptionConfig
 from .dataset import Dataset
+from .distributed import SINGLE_PROCESS, DataParallel
 from .ema import EMAConfig, LoraEMA
 from .errors import ConfigError, check_choice, check_int
 from .latent_cache import CachedLatents, OnTheFlyLatents
@@ -91,9 +92,9 @@ class TrainingRecipe:
     blocks: BlockWeights | None = None
 
 
-def total_optimizer_steps(plan: BucketPlan, cfg: TrainConfig) -> tuple[int, int]:
-    """(optimiser steps, epochs) for the run, as kohya counts them."""
-    batches = len(epoch_batches(plan, cfg.train_batch_size, cfg.seed, 1))
+def total_optimizer_steps(plan: BucketPlan, cfg: TrainConfig, world_size: int = 1) -> tuple[int, int]:
+    """(optimiser steps, epochs) for the run, as kohya counts them (global batches with world_size ranks)."""
+    batches = len(epoch_batches(plan, cfg.train_batch_size * world_size, cfg.seed, 1))
     steps_per_epoch = math.ceil(batches / cfg.gradient_accumulation_steps)
     if cfg.max_train_epochs:
         return steps_per_epoch * cfg.max_train_epochs, cfg.max_train_epochs
@@ -110,12 +111,14 @@ def train(
     resume: TrainingState | None = None,
     save_state: Callable[[TrainingState], object] | None = None,
     initial_weights: Mapping[str, torch.Tensor] | None = None,
+    dist: DataParallel = SINGLE_PROCESS,
 ) -> TrainedLora:
     """Train a LoRA; on any exception raise TrainingStopped carrying the partial result and state.
 
     resume: continue from this state (its settings must match `recipe`, see state.check_resumable).
     save_state: called with the state every train.save_state_every_n_steps optimiser steps.
     initial_weights: a kohya state dict the LoRA starts from (a previous stage's result).
+    dist: this process's place in a data-parallel run (distributed.py); one process by default.
     """
     cfg = recipe.train
     if cfg.save_state_every_n_steps and save_state is None:
@@ -123,6 +126,10 @@ def train(
             "train.save_state_every_n_steps: set, but this caller has nowhere to save states; set it to 0"
         )
     check_loss_for_prediction_type(recipe.loss, backend.prediction_type)
+    if dist.world_size > 1 and isinstance(latents, OnTheFlyLatents):
+        raise ConfigError(
+            "cache.mode: 'none' is not implemented yet for multi-process training; use 'ram' or 'disk'"
+        )
     _note_short_batches(plan, cfg)
     torch.manual_seed(cfg.seed)  # LoRA init and dropout masks
     network = build_network(backend, recipe)
@@ -132,7 +139,7 @@ def train(
         network.named_lora_parameters(), backend.family, recipe.optimizer, recipe.blocks
     )
     optimizer = build_optimizer(groups, recipe.optimizer, backend.device)
-    total_steps, total_epochs = total_optimizer_steps(plan, cfg)
+    total_steps, total_epochs = total_optimizer_steps(plan, cfg, dist.world_size)
     scheduler = build_lr_scheduler(optimizer, recipe.optimizer, total_steps)
     ema = LoraEMA(network.named_lora_parameters(), recipe.ema) if recipe.ema.enabled else None
     alphas_cumprod = backend.alphas_cumprod
@@ -140,7 +147,17 @@ def train(
         alphas_cumprod = rescale_zero_terminal_snr(alphas_cumprod)
     result = TrainedLora(network, ema, [], 0, 0, total_steps, time.time())
     step_fn = StepRunner(
-        backend, dataset, latents, recipe, network, optimizer, scheduler, ema, alphas_cumprod, save_state
+        backend,
+        dataset,
+        latents,
+        recipe,
+        network,
+        optimizer,
+        scheduler,
+        ema,
+        alphas_cumprod,
+        save_state,
+        dist,
     )
     start_epoch, skip = 1, 0
     if resume is not None:
