@@ -11,6 +11,7 @@ steps. A run that stops early (cancel, error) still saves what it trained, as
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -76,6 +77,7 @@ def run_training(
     if dataset is None:
         dataset = load_dataset(cfg.dataset)
     backend = maybe_cache_text(backend, dataset, cfg.cache, cfg.recipe)
+    cfg = _with_lr_rule(cfg, dist.world_size)
     stages = [_Stage(cfg, dataset, stage, dist.world_size) for stage in (cfg.stages or (None,))]
     states = StateWriter(
         cfg.output.output_dir / "state", cfg.output.output_name, cfg.recipe.train.save_last_n_states
@@ -84,8 +86,12 @@ def run_training(
     train_cfg = cfg.recipe.train
     say(
         f"effective batch: {train_cfg.train_batch_size} per process x {dist.world_size} process(es) x "
-        f"{train_cfg.gradient_accumulation_steps} accumulation = {stages[0].total_batch}; "
-        "the learning rate is used as given (not scaled with the batch)"
+        f"{train_cfg.gradient_accumulation_steps} accumulation = {stages[0].total_batch}; learning rate "
+        + (
+            f"x {dist.world_size} (train.scale_lr_by_processes)"
+            if train_cfg.scale_lr_by_processes
+            else "as given (not scaled with the batch)"
+        )
     )
     grand_total, done, weights, records, losses = sum(s.total for s in stages), 0, None, [], []
     if resume is not None:
@@ -135,6 +141,22 @@ def run_training(
         _save(ema_path, trained, cfg, backend, stage, records, overwrite=cfg.output.overwrite, use_ema=True)
         say(f"EMA weights saved to {ema_path}")
     return RunResult(path, trained)
+
+
+def _with_lr_rule(cfg: RunConfig, world_size: int) -> RunConfig:
+    """train.scale_lr_by_processes: every learning rate x the number of processes (linear scaling)."""
+    if not cfg.recipe.train.scale_lr_by_processes or world_size == 1:
+        return cfg
+    opt = cfg.recipe.optimizer
+    scaled = dataclasses.replace(
+        opt,
+        learning_rate=opt.learning_rate * world_size,
+        unet_lr=None if opt.unet_lr is None else opt.unet_lr * world_size,
+        text_encoder_lr=None
+        if opt.text_encoder_lr is None
+        else tuple(lr * world_size for lr in opt.text_encoder_lr),
+    )
+    return dataclasses.replace(cfg, recipe=dataclasses.replace(cfg.recipe, optimizer=scaled))
 
 
 def _quiet(*_args) -> None:

@@ -64,6 +64,7 @@ class TrainConfig:
     seed: int = 42
     save_state_every_n_steps: int = 0  # also saved when training stops early; 0 = only then
     save_last_n_states: int = 2  # 0 keeps every state
+    scale_lr_by_processes: bool = False  # multi-process runs: learning rates x number of processes
 
     def __post_init__(self):
         check_int("train.max_train_steps", self.max_train_steps, 0, 10_000_000)
@@ -76,6 +77,10 @@ class TrainConfig:
         check_int("train.seed", self.seed, 0, 2**63 - 1)
         check_int("train.save_state_every_n_steps", self.save_state_every_n_steps, 0, None, "0 = off")
         check_int("train.save_last_n_states", self.save_last_n_states, 0, None, "0 keeps every state")
+        if not isinstance(self.scale_lr_by_processes, bool):
+            raise ConfigError(
+                f"train.scale_lr_by_processes: {self.scale_lr_by_processes!r} is not true/false"
+            )
 
 
 @dataclass(frozen=True)

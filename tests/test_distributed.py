@@ -82,3 +82,24 @@ def test_two_processes_reach_the_one_process_weights(shapes_dataset, tmp_path):
         torch.testing.assert_close(rank0[key], value, rtol=0, atol=TOLERANCE, msg=key)
     ups = [k for k in single if k.endswith("lora_up.weight")]
     assert any(single[k].abs().sum() > 0 for k in ups)  # the LoRA did move
+
+
+def test_learning_rates_scale_with_processes_only_when_asked(tmp_path):
+    import dataclasses
+
+    from lora_train_core.demo import demo_config
+    from lora_train_core.run import _with_lr_rule
+
+    cfg = demo_config("sd15", tmp_path, steps=1)
+    opt = dataclasses.replace(cfg.recipe.optimizer, learning_rate=1e-4, unet_lr=2e-4, text_encoder_lr=(5e-5,))
+    cfg = dataclasses.replace(cfg, recipe=dataclasses.replace(cfg.recipe, optimizer=opt))
+    assert _with_lr_rule(cfg, 4) is cfg  # no silent scaling
+    on = dataclasses.replace(
+        cfg,
+        recipe=dataclasses.replace(
+            cfg.recipe, train=dataclasses.replace(cfg.recipe.train, scale_lr_by_processes=True)
+        ),
+    )
+    scaled = _with_lr_rule(on, 4).recipe.optimizer
+    assert (scaled.learning_rate, scaled.unet_lr, scaled.text_encoder_lr) == (4e-4, 8e-4, (2e-4,))
+    assert _with_lr_rule(on, 1) is on
