@@ -55,3 +55,12 @@ def test_next_free_path_counts_up(tmp_path):
     (tmp_path / "a.safetensors").write_bytes(b"x")
     (tmp_path / "a_1.safetensors").write_bytes(b"x")
     assert next_free_path(tmp_path / "a.safetensors").name == "a_2.safetensors"
+
+
+def test_saved_files_get_the_usual_permissions_not_mkstemps_private_ones(tmp_path):
+    import os
+
+    umask = os.umask(0)
+    os.umask(umask)
+    path = save_lora(tmp_path / "a.safetensors", _tensors(), {}, torch.float32)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask
