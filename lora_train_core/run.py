@@ -74,73 +74,139 @@ def run_training(
     dist = DataParallel.from_environment()
     if not dist.is_main:  # only rank 0 prints and writes
         say, on_step = _quiet, None
-    if dataset is None:
-        dataset = load_dataset(cfg.dataset)
+    dataset = dataset or load_dataset(cfg.dataset)
     backend = maybe_cache_text(backend, dataset, cfg.cache, cfg.recipe)
     cfg = _with_lr_rule(cfg, dist.world_size)
     stages = [_Stage(cfg, dataset, stage, dist.world_size) for stage in (cfg.stages or (None,))]
-    states = StateWriter(
-        cfg.output.output_dir / "state", cfg.output.output_name, cfg.recipe.train.save_last_n_states
-    )
-    samples = SampleWriter(backend, cfg.samples, cfg.output.output_dir, cfg.output.output_name)
-    train_cfg = cfg.recipe.train
-    say(
-        f"effective batch: {train_cfg.train_batch_size} per process x {dist.world_size} process(es) x "
-        f"{train_cfg.gradient_accumulation_steps} accumulation = {stages[0].total_batch}; learning rate "
-        + (
-            f"x {dist.world_size} (train.scale_lr_by_processes)"
-            if train_cfg.scale_lr_by_processes
-            else "as given (not scaled with the batch)"
-        )
-    )
-    grand_total, done, weights, records, losses = sum(s.total for s in stages), 0, None, [], []
+    say(_batch_report(cfg, dist, stages[0].total_batch))
     if resume is not None:
         say(f"resuming after step {resume.step} (epoch {resume.epoch})")
+    run = _Run(cfg, backend, dataset, dist, on_step, say, total=sum(s.total for s in stages))
     for stage in stages:
-        say(bucket_report(stage.plan))
+        trained = run.train_stage(stage, resume)
+    if not dist.is_main:
+        return RunResult(cfg.output.path, trained)
+    path = run.save(cfg.output.path, trained, stage, overwrite=cfg.output.overwrite)
+    if trained.ema is not None:
+        ema_path = path.with_name(f"{path.stem}_ema.safetensors")
+        run.save(ema_path, trained, stage, overwrite=cfg.output.overwrite, use_ema=True)
+        say(f"EMA weights saved to {ema_path}")
+    return RunResult(path, trained)
+
+
+def _batch_report(cfg: RunConfig, dist: DataParallel, total_batch: int) -> str:
+    train_cfg = cfg.recipe.train
+    lr_rule = (
+        f"x {dist.world_size} (train.scale_lr_by_processes)"
+        if train_cfg.scale_lr_by_processes and dist.world_size > 1
+        else "as given (not scaled with the batch)"
+    )
+    return (
+        f"effective batch: {train_cfg.train_batch_size} per process x {dist.world_size} process(es) x "
+        f"{train_cfg.gradient_accumulation_steps} accumulation = {total_batch}; learning rate {lr_rule}"
+    )
+
+
+class _Run:
+    """What the stages of one run share: output writers, the LoRA carried over, the step count."""
+
+    def __init__(
+        self, cfg: RunConfig, backend: Backend, dataset: Dataset, dist: DataParallel, on_step, say, total: int
+    ):
+        self.cfg, self.backend, self.dataset, self.dist, self.say = cfg, backend, dataset, dist, say
+        out = cfg.output
+        self.states = StateWriter(
+            out.output_dir / "state", out.output_name, cfg.recipe.train.save_last_n_states
+        )
+        samples = SampleWriter(backend, cfg.samples, out.output_dir, out.output_name)
+        self.writers = [on_step, samples] if dist.is_main else []
+        self.total, self.done, self.weights, self.records, self.losses = total, 0, None, [], []
+
+    def train_stage(self, stage: _Stage, resume: TrainingState | None) -> TrainedLora:
+        cfg, dist = self.cfg, self.dist
+        self.say(bucket_report(stage.plan))
         t0 = time.time()
         with dist.main_first():  # rank 0 fills a disk cache; the others then read it
-            latents = build_latents(dataset, stage.plan, backend, cfg.cache)
-        say(f"latents ready ({cfg.cache.mode}) in {time.time() - t0:.1f}s")
+            latents = build_latents(self.dataset, stage.plan, self.backend, cfg.cache)
+        self.say(f"latents ready ({cfg.cache.mode}) in {time.time() - t0:.1f}s")
+        out = cfg.output
         saver = IntermediateSaver(
-            cfg.output.output_dir,
-            cfg.output.output_name,
-            cfg.output.save_every_n_steps,
-            cfg.output.save_last_n_saves,
-            lambda path, run, s=stage: _save(path, run, cfg, backend, s, records),
+            out.output_dir,
+            out.output_name,
+            out.save_every_n_steps,
+            out.save_last_n_saves,
+            lambda path, run: self.save(path, run, stage),
         )
-        writers = [on_step, samples, saver] if dist.is_main else []
-        callbacks = StepOffset(writers, offset=done, total=grand_total)
+        callbacks = StepOffset([*self.writers, saver] if dist.is_main else [], self.done, self.total)
+        states = self.states if dist.is_main else _quiet
         try:
             trained = train(
-                backend,
-                dataset,
+                self.backend,
+                self.dataset,
                 stage.plan,
                 latents,
                 stage.recipe,
                 callbacks,
                 resume,
-                states if dist.is_main else _quiet,
-                weights,
+                states,
+                self.weights,
                 dist,
             )
         except TrainingStopped as stop:
-            _save_stopped(stop, states, cfg, backend, stage, records, say)
+            if dist.is_main:
+                self.keep_stopped(stop, stage)
             raise
-        done += trained.steps
-        weights = trained.network.kohya_state_dict()
-        losses += trained.losses
+        self.done += trained.steps
+        self.weights = trained.network.kohya_state_dict()
+        self.losses += trained.losses
+        trained.losses = list(self.losses)  # the whole run's curve, across stages
         if stage.config is not None:
-            records.append(stage_record(stage.config, stage.recipe, trained.steps))
-    trained.losses = losses  # the whole run's curve, across stages
-    if not dist.is_main:
-        return RunResult(cfg.output.path, trained)
-    path = _save(cfg.output.path, trained, cfg, backend, stage, records, overwrite=cfg.output.overwrite)
-    if trained.ema is not None:
-        ema_path = path.with_name(f"{path.stem}_ema.safetensors")
-        _save(ema_path, trained, cfg, backend, stage, records, overwrite=cfg.output.overwrite, use_ema=True)
-        say(f"EMA weights saved to {ema_path}")
-    return RunResult(path, trained)
+            self.records.append(stage_record(stage.config, stage.recipe, trained.steps))
+        return trained
+
+    def keep_stopped(self, stop: TrainingStopped, stage: _Stage) -> None:
+        """A stopped run keeps a partial LoRA and its state; a failed save is logged, not raised."""
+        out = self.cfg.output
+        if stop.partial.steps > 0:
+            partial = next_free_path(out.output_dir / f"{out.output_name}-partial.safetensors")
+            try:
+                self.save(partial, stop.partial, stage)
+                self.say(f"training stopped after step {stop.partial.steps}; partial LoRA saved to {partial}")
+            except OSError as exc:
+                log.error("could not save the partial LoRA to %s: %s", partial, exc)
+        if stop.state is not None:
+            try:
+                self.say(f"training state saved to {self.states(stop.state)}; resume from it to continue")
+            except OSError as exc:
+                log.error("could not save the training state: %s", exc)
+
+    def save(
+        self, path: Path, trained: TrainedLora, stage: _Stage, overwrite: bool = False, use_ema: bool = False
+    ) -> Path:
+        """Save with kohya metadata; a multi-stage run records its stages and total steps."""
+        cfg, backend = self.cfg, self.backend
+        metadata = training_metadata(
+            recipe=stage.recipe,
+            family=backend.family,
+            base_model_version=backend.base_model_version,
+            modelspec_architecture=backend.modelspec_architecture,
+            prediction_type=backend.prediction_type,
+            dataset=stage.dataset,
+            plan=stage.plan,
+            output_name=cfg.output.output_name,
+            model_name=cfg.model.path.name if cfg.model else "in-memory",
+            steps=trained.steps,
+            epochs=trained.epochs,
+            total_steps=trained.total_steps,
+            started_at=trained.started_at,
+            finished_at=trained.finished_at,
+        )
+        metadata["ss_ema_weights"] = str(use_ema)
+        metadata.update(stages_metadata(self.records))
+        metadata["ss_num_processes"] = str(stage.world_size)
+        metadata["ss_total_batch_size"] = str(stage.total_batch)
+        dtype = save_dtype(cfg.output.save_precision)
+        return save_lora(path, trained.kohya_state_dict(use_ema), metadata, dtype, overwrite=overwrite)
 
 
 def _with_lr_rule(cfg: RunConfig, world_size: int) -> RunConfig:
@@ -174,62 +240,6 @@ class _Stage:
         self.total = total_optimizer_steps(self.plan, self.recipe.train, world_size)[0]
         train_cfg = self.recipe.train
         self.total_batch = train_cfg.train_batch_size * world_size * train_cfg.gradient_accumulation_steps
-
-
-def _save_stopped(stop: TrainingStopped, states: StateWriter, cfg, backend, stage, records, say) -> None:
-    """Keep what a stopped run trained: a partial LoRA and its state; a failed save is logged, not raised."""
-    if stop.partial.steps > 0:
-        partial = next_free_path(cfg.output.output_dir / f"{cfg.output.output_name}-partial.safetensors")
-        try:
-            _save(partial, stop.partial, cfg, backend, stage, records, overwrite=False)
-            say(f"training stopped after step {stop.partial.steps}; partial LoRA saved to {partial}")
-        except OSError as exc:
-            log.error("could not save the partial LoRA to %s: %s", partial, exc)
-    if stop.state is not None:
-        try:
-            say(f"training state saved to {states(stop.state)}; resume from it to continue")
-        except OSError as exc:
-            log.error("could not save the training state: %s", exc)
-
-
-def _save(
-    path: Path,
-    trained: TrainedLora,
-    cfg: RunConfig,
-    backend: Backend,
-    stage: _Stage,
-    records: list[dict],
-    overwrite: bool = False,
-    use_ema: bool = False,
-) -> Path:
-    """Save `trained` with its metadata; a multi-stage run records its stages and total steps."""
-    metadata = training_metadata(
-        recipe=stage.recipe,
-        family=backend.family,
-        base_model_version=backend.base_model_version,
-        modelspec_architecture=backend.modelspec_architecture,
-        prediction_type=backend.prediction_type,
-        dataset=stage.dataset,
-        plan=stage.plan,
-        output_name=cfg.output.output_name,
-        model_name=cfg.model.path.name if cfg.model else "in-memory",
-        steps=trained.steps,
-        epochs=trained.epochs,
-        total_steps=trained.total_steps,
-        started_at=trained.started_at,
-        finished_at=trained.finished_at,
-    )
-    metadata["ss_ema_weights"] = str(use_ema)
-    metadata.update(stages_metadata(records))
-    metadata["ss_num_processes"] = str(stage.world_size)
-    metadata["ss_total_batch_size"] = str(stage.total_batch)
-    return save_lora(
-        path,
-        trained.kohya_state_dict(use_ema),
-        metadata,
-        save_dtype(cfg.output.save_precision),
-        overwrite=overwrite,
-    )
 
 
 __all__ = ["OutputConfig", "RunResult", "run_training"]
