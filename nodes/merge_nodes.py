@@ -11,8 +11,7 @@ from comfy_api.v0_0_2 import io
 
 from ..lora_train_core.errors import ConfigError
 from ..lora_train_core.merge import merge_lora_files
-from .paths import lora_save_path
-from .train_nodes import PRECISIONS, _free_save_path
+from .train_nodes import PRECISIONS, free_save_path
 from .values import CATEGORY
 
 NONE = "(none)"
@@ -83,8 +82,7 @@ class MergeLoRAs(io.ComfyNode):
                 specs.append((Path(path), pairs[f"weight_{i}"]))
         if not specs:
             raise ConfigError("Merge LoRAs: choose at least one LoRA")
-        lora_save_path(Path(folder_paths.get_folder_paths("loras")[0]), lora_name)  # validates the name
-        out = _free_save_path(lora_name, overwrite)
+        out = free_save_path(lora_name, overwrite)
         saved, result = merge_lora_files(
             specs, out, mode, rank if mode == "svd" else None, save_precision, overwrite
         )

@@ -49,12 +49,12 @@ def resumable_states() -> list[str]:
     return [folder.name for _, folder in state_folders(states_dir()) if (folder / RECORD_FILE).is_file()]
 
 
-def _loras_dir() -> Path:
+def loras_dir() -> Path:
     return Path(folder_paths.get_folder_paths("loras")[0])
 
 
-def _free_save_path(name: str, overwrite: bool) -> Path:
-    path = lora_save_path(_loras_dir(), name)
+def free_save_path(name: str, overwrite: bool) -> Path:
+    path = lora_save_path(loras_dir(), name)
     return path if overwrite else next_free_path(path)
 
 
@@ -232,7 +232,7 @@ class TrainLoRA(io.ComfyNode):
                 "Train LoRA: sample_prompts need the VAE input connected (to decode the samples)"
             )
         sampler = ComfySampleCallback(model, clip, vae, prompts, sample_every_n_steps, seed)
-        save_path = _free_save_path(lora_name, overwrite)
+        save_path = free_save_path(lora_name, overwrite)
         node_id = cls.hidden.unique_id if cls.hidden else None
         trained, model_out, clip_out = train_lora_in_comfy(
             model,
@@ -341,7 +341,7 @@ class EMAExport(io.ComfyNode):
 
     @classmethod
     def execute(cls, trained, use_ema, lora_name, overwrite, save_precision) -> io.NodeOutput:
-        path = _free_save_path(lora_name, overwrite)
+        path = free_save_path(lora_name, overwrite)
         metadata = {**trained.metadata, "ss_output_name": path.stem, "ss_ema_weights": str(use_ema)}
         save_lora(
             path,
