@@ -94,6 +94,10 @@ def merged(base: CaptionConfig, overrides: Mapping[str, object]) -> CaptionConfi
         if key not in valid:
             closest = difflib.get_close_matches(str(key), valid, n=1, cutoff=0.0)
             raise ConfigError(f"{_SECTION}.{key}: unknown caption option; did you mean {closest[0]!r}?")
+    if "weighted_captions" in overrides:
+        raise ConfigError(
+            f"{_SECTION}.weighted_captions: set it for the whole run in [captions], not per subset"
+        )
     return dataclasses.replace(base, **overrides)
 
 

@@ -18,7 +18,7 @@ from typing import Any
 
 from .backends.diffusers_backend import ModelConfig
 from .buckets import BucketConfig
-from .captions import CaptionConfig
+from .captions import CaptionConfig, merged
 from .dataset import DatasetConfig
 from .ema import EMAConfig
 from .errors import ConfigError, check_choice, check_int
@@ -97,8 +97,10 @@ SECTIONS: dict[str, type] = {
     "blocks": BlockWeights,
     "samples": SampleConfig,
     "stages": StageConfig,  # an array of tables: [[stages]]
+    "subset_captions": CaptionConfig,  # [subset_captions."10_cat"]: [captions] keys for one folder
 }
 TABLE_ARRAYS = ("stages",)
+NESTED = ("stages", "subset_captions")
 REQUIRED = ("model", "dataset")
 
 
@@ -123,6 +125,9 @@ def _checked(raw: dict[str, Any]) -> dict[str, Any]:
         if section in TABLE_ARRAYS:
             if not isinstance(raw[section], list) or not all(isinstance(t, dict) for t in raw[section]):
                 raise ConfigError(f"{section}: write each one as a [[{section}]] table")
+        elif section == "subset_captions":
+            if not all(isinstance(t, dict) for t in raw[section].values()):
+                raise ConfigError('subset_captions: write each folder as [subset_captions."10_name"]')
         elif not isinstance(raw[section], dict):
             raise ConfigError(f"[{section}] must be a table of keys, got {raw[section]!r}")
     return raw
@@ -137,16 +142,18 @@ def run_config_from_dict(raw: dict[str, Any], base_dir: Path = Path(".")) -> Run
     built = {
         name: build_section(name, raw[name], base_dir)
         for name in SECTIONS
-        if name in raw and name not in TABLE_ARRAYS
+        if name in raw and name not in NESTED
     }
     stages = tuple(build_section("stages", table, base_dir) for table in raw.get("stages", []))
+    base_captions = built.get("captions", CaptionConfig())
+    subset_captions = {
+        folder: merged(base_captions, overrides)
+        for folder, overrides in raw.get("subset_captions", {}).items()
+    }
     recipe = TrainingRecipe(
         train=built.get("train", TrainConfig()),
-        **{
-            k: built[k]
-            for k in ("network", "optimizer", "noise", "loss", "captions", "ema", "blocks")
-            if k in built
-        },
+        subset_captions=subset_captions,
+        **{k: built[k] for k in RECIPE_SECTIONS if k in built and k != "train"},
     )
     return RunConfig(
         model=built["model"],
@@ -184,8 +191,10 @@ def with_overrides(cfg: RunConfig, path: Path) -> RunConfig:
     built: dict[str, Any] = {
         name: build_section(name, values, path.parent)
         for name, values in _checked(raw).items()
-        if name not in TABLE_ARRAYS
+        if name not in NESTED
     }
+    if "subset_captions" in raw:
+        raise ConfigError(f"{path}: [subset_captions] belongs in the run's own config, not an override file")
     if "stages" in raw:
         built["stages"] = tuple(build_section("stages", table, path.parent) for table in raw["stages"])
     recipe = dataclasses.replace(cfg.recipe, **{k: v for k, v in built.items() if k in RECIPE_SECTIONS})

@@ -107,8 +107,8 @@ class StepRunner:
         latents = torch.stack([s.latents for s in samples]).to(backend.device, torch.float32)
         size_cond = torch.stack([s.size_conditioning() for s in samples]).to(backend.device)
         captions = [
-            process_caption(self.dataset.images[i].caption, recipe.captions, epoch, self.caption_rng)
-            for i in indices
+            process_caption(image.caption, recipe.captions_for(image.subset), epoch, self.caption_rng)
+            for image in (self.dataset.images[i] for i in indices)
         ]
         noise = sample_noise(latents, recipe.noise, self.generator)
         timesteps = sample_timesteps(len(indices), recipe.noise, self.generator, backend.device)

@@ -182,10 +182,13 @@ def check_text_cacheable(mode: str, train_text_encoder: bool, captions: CaptionC
         )
 
 
-def static_captions(dataset: Dataset, captions: CaptionConfig) -> list[str]:
+def static_captions(dataset: Dataset, recipe: TrainingRecipe) -> list[str]:
     """Each image's text as training sees it when no caption option varies per step."""
     # With no per-step option, process_caption draws nothing and ignores the epoch.
-    return [process_caption(image.caption, captions, 1, random.Random(0)) for image in dataset.images]
+    return [
+        process_caption(image.caption, recipe.captions_for(image.subset), 1, random.Random(0))
+        for image in dataset.images
+    ]
 
 
 def maybe_cache_text(
@@ -197,7 +200,8 @@ def maybe_cache_text(
     `<dataset>/.text_encoder_cache`. Raises ConfigError when caching is refused.
     """
     mode = cache_cfg.text_encoder_outputs
-    check_text_cacheable(mode, recipe.network.train_text_encoder, recipe.captions)
+    for captions in recipe.all_captions():
+        check_text_cacheable(mode, recipe.network.train_text_encoder, captions)
     if mode == "none":
         return backend
     cache_dir = fingerprint = None
@@ -211,5 +215,5 @@ def maybe_cache_text(
         default_dir = dataset.root / ".text_encoder_cache"
         cache_dir = cache_cfg.cache_dir / "text_encoder_outputs" if cache_cfg.cache_dir else default_dir
     cached = CachedTextEncoder(backend, cache_dir, fingerprint)
-    cached.prefill(static_captions(dataset, recipe.captions))
+    cached.prefill(static_captions(dataset, recipe))
     return cached

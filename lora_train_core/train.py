@@ -95,6 +95,14 @@ class TrainingRecipe:
     captions: CaptionConfig = field(default_factory=CaptionConfig)
     ema: EMAConfig = field(default_factory=EMAConfig)
     blocks: BlockWeights | None = None
+    # kohya per-subset caption settings: folder name (e.g. "10_cat") → its full caption config
+    subset_captions: Mapping[str, CaptionConfig] = field(default_factory=dict)
+
+    def captions_for(self, subset: str) -> CaptionConfig:
+        return self.subset_captions.get(subset, self.captions)
+
+    def all_captions(self) -> list[CaptionConfig]:
+        return [self.captions, *self.subset_captions.values()]
 
 
 def total_optimizer_steps(plan: BucketPlan, cfg: TrainConfig, world_size: int = 1) -> tuple[int, int]:
