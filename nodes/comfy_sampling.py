@@ -9,6 +9,7 @@ reproducible.
 from __future__ import annotations
 
 import comfy.sample
+import comfy.utils
 import numpy as np
 import torch
 from PIL import Image
@@ -62,8 +63,17 @@ def sample_images(model, clip, vae, prompts: list[SamplePrompt], default_seed: i
 class ComfySampleCallback:
     """Step callback: samples every n steps and at the end; keeps one grid row per checkpoint."""
 
-    def __init__(self, model, clip, vae, prompts: list[SamplePrompt], every_n_steps: int, seed: int):
-        self.model, self.clip, self.vae = model, clip, vae
+    def __init__(
+        self,
+        model,
+        clip,
+        vae,
+        prompts: list[SamplePrompt],
+        every_n_steps: int,
+        seed: int,
+        node_id: str | None = None,
+    ):
+        self.model, self.clip, self.vae, self.node_id = model, clip, vae, node_id
         self.prompts, self.every, self.seed = prompts, every_n_steps, seed
         self.rows: list[list[Image.Image]] = []
 
@@ -78,6 +88,11 @@ class ComfySampleCallback:
                 self.rows.append(sample_images(self.model, self.clip, self.vae, self.prompts, self.seed))
             finally:
                 network.train(was_training)
+            # The newest samples show on the node while training goes on.
+            preview = ("JPEG", image_grid(self.rows[-1]), 512)
+            comfy.utils.ProgressBar(report.total, node_id=self.node_id).update_absolute(
+                report.step, report.total, preview
+            )
 
     def grid(self) -> Image.Image | None:
         """Rows = checkpoints (steps), columns = prompts."""

@@ -231,9 +231,9 @@ class TrainLoRA(io.ComfyNode):
             raise ConfigError(
                 "Train LoRA: sample_prompts need the VAE input connected (to decode the samples)"
             )
-        sampler = ComfySampleCallback(model, clip, vae, prompts, sample_every_n_steps, seed)
-        save_path = free_save_path(lora_name, overwrite)
         node_id = cls.hidden.unique_id if cls.hidden else None
+        sampler = ComfySampleCallback(model, clip, vae, prompts, sample_every_n_steps, seed, node_id)
+        save_path = free_save_path(lora_name, overwrite)
         trained, model_out, clip_out = train_lora_in_comfy(
             model,
             clip,
