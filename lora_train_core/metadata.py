@@ -62,12 +62,18 @@ def _dirs(images: Iterable[ImageRecord]) -> dict[str, dict[str, int]]:
     return dirs
 
 
-def bucket_info(plan: BucketPlan) -> dict[str, Any]:
+def bucket_info(plan: BucketPlan, dataset: Dataset) -> dict[str, Any]:
+    """kohya's ss_bucket_info: each bucket's resolution and count (with repeats), and the mean
+    |bucket aspect − image aspect| over the images (BucketManager's mean_img_ar_error)."""
     buckets = {
         str(i): {"resolution": list(reso), "count": len(indices)}
         for i, (reso, indices) in enumerate(sorted(plan.buckets.items()))
     }
-    return {"buckets": buckets, "mean_img_ar_error": 0.0}
+    errors = [
+        abs(a.bucket[0] / a.bucket[1] - image.size[0] / image.size[1])
+        for a, image in zip(plan.assignments, dataset.images, strict=True)
+    ]
+    return {"buckets": buckets, "mean_img_ar_error": sum(errors) / len(errors) if errors else 0.0}
 
 
 def training_metadata(
@@ -140,7 +146,7 @@ def training_metadata(
         "ss_min_bucket_reso": bucket_cfg.min_bucket_reso,
         "ss_max_bucket_reso": bucket_cfg.max_bucket_reso,
         "ss_bucket_no_upscale": bucket_cfg.bucket_no_upscale,
-        "ss_bucket_info": bucket_info(plan),
+        "ss_bucket_info": bucket_info(plan, dataset),
         "ss_tag_frequency": dataset_tag_frequency(dataset),
         "ss_dataset_dirs": dataset_dirs(dataset),
         "ss_reg_dataset_dirs": reg_dataset_dirs(dataset),

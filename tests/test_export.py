@@ -64,3 +64,25 @@ def test_saved_files_get_the_usual_permissions_not_mkstemps_private_ones(tmp_pat
     os.umask(umask)
     path = save_lora(tmp_path / "a.safetensors", _tensors(), {}, torch.float32)
     assert path.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_bucket_info_records_counts_and_the_mean_aspect_error(tmp_path):
+    from PIL import Image
+
+    from lora_train_core.buckets import BucketConfig, plan_buckets
+    from lora_train_core.dataset import DatasetConfig, load_dataset
+    from lora_train_core.metadata import bucket_info
+
+    (tmp_path / "2_x").mkdir()
+    Image.new("RGB", (128, 128)).save(tmp_path / "2_x" / "square.png")
+    Image.new("RGB", (200, 100)).save(tmp_path / "2_x" / "wide.png")
+    dataset = load_dataset(DatasetConfig(path=tmp_path))
+    plan = plan_buckets(
+        dataset.images, BucketConfig(resolution=(128, 128), min_bucket_reso=64, max_bucket_reso=256)
+    )
+    info = bucket_info(plan, dataset)
+    # the 2:1 image goes to the nearest-aspect bucket (kohya), the square one to 128x128 exactly
+    wide_bucket = plan.assignments[[i.path.name for i in dataset.images].index("wide.png")].bucket
+    expected = abs(wide_bucket[0] / wide_bucket[1] - 2.0) / 2  # the square image fits 128x128 exactly
+    assert info["mean_img_ar_error"] == pytest.approx(expected)
+    assert sum(b["count"] for b in info["buckets"].values()) == 4  # 2 images x 2 repeats
