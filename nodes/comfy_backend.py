@@ -22,11 +22,14 @@ from torch.utils.checkpoint import checkpoint
 
 from ..lora_train_core.backends.base import TextConditioning
 from ..lora_train_core.errors import ConfigError, ModelError
-from ..lora_train_core.kohya_keys import LoraTarget, sgm_unet_targets
+from ..lora_train_core.kohya_keys import LoraTarget, sgm_unet_targets, text_encoder_targets
 
 BASE_MODEL_VERSION = {"sd15": "sd_v1", "sdxl": "sdxl_base_v1-0"}
 MODELSPEC_ARCHITECTURE = {"sd15": "stable-diffusion-v1/lora", "sdxl": "stable-diffusion-xl-v1-base/lora"}
-TOKEN_CHUNK = 77  # kohya trains on one 77-token window; ComfyUI would append more chunks
+TE_PREFIXES = {
+    "sd15": (("clip_l", "lora_te"),),
+    "sdxl": (("clip_l", "lora_te1"), ("clip_g", "lora_te2")),
+}  # kohya trains on one 77-token window; ComfyUI would append more chunks
 
 
 def model_family(model) -> str:
@@ -63,8 +66,9 @@ class ComfyBackend:
         self.modelspec_architecture = MODELSPEC_ARCHITECTURE[self.family]
         self.fingerprint = _vae_fingerprint(vae) if vae is not None else "no-vae"
         self._checkpointed: list[nn.Module] = []
+        self._layers_out_of_place: list[nn.Module] = []
 
-    def prepare_for_training(self) -> None:
+    def prepare_for_training(self, text_encoder: bool = False) -> None:
         """Load the model on its device and make its weights usable by autograd.
 
         Call inside torch.inference_mode(False).
@@ -72,6 +76,15 @@ class ComfyBackend:
         mm.load_models_gpu([self.model])
         self.diffusion_model = self.model.model.diffusion_model
         _make_trainable(self.diffusion_model)
+        if text_encoder and self.clip is not None:
+            _make_trainable(self.clip.cond_stage_model)
+            self._layers_out_of_place = _out_of_place_clip_layers(self.clip.cond_stage_model)
+
+    def release(self) -> None:
+        """Undo what training needed on the shared CLIP modules (call in `finally`)."""
+        for layer in self._layers_out_of_place:
+            del layer.forward
+        self._layers_out_of_place = []
 
     # --- images -------------------------------------------------------------------------------
     @torch.no_grad()
@@ -127,18 +140,20 @@ class ComfyBackend:
 
     # --- LoRA targets and modes -----------------------------------------------------------------
     def lora_targets(self, include_conv: bool, unet: bool, text_encoder: bool) -> list[LoraTarget]:
+        targets: list[LoraTarget] = []
+        if unet:
+            rename = str if self.family == "sdxl" else partial(_diffusers_name, _sgm_to_diffusers(self.model))
+            targets += sgm_unet_targets(self.diffusion_model, include_conv=include_conv, rename=rename)
         if text_encoder:
-            raise ConfigError(
-                "Configure Network: train_text_encoder is not implemented yet inside ComfyUI; "
-                "turn it off (the UNet LoRA trains) or train from the CLI"
-            )
-        if not unet:
-            return []
-        rename = str if self.family == "sdxl" else partial(_diffusers_name, _sgm_to_diffusers(self.model))
-        return sgm_unet_targets(self.diffusion_model, include_conv=include_conv, rename=rename)
+            if self.clip is None:
+                raise ConfigError("Train LoRA: training the text encoder needs the CLIP input")
+            encoders = self.clip.cond_stage_model
+            for attr, prefix in TE_PREFIXES[self.family]:
+                targets += text_encoder_targets(getattr(encoders, attr), prefix)
+        return targets
 
     def trainable_modules(self) -> list[nn.Module]:
-        return [self.diffusion_model]
+        return [self.diffusion_model] + ([self.clip.cond_stage_model] if self.clip is not None else [])
 
     def set_gradient_checkpointing(self, enabled: bool) -> None:
         """Checkpoint each UNet block (ComfyUI's own `use_checkpoint` ignores LoRA tensors held outside)."""
@@ -151,6 +166,23 @@ class ComfyBackend:
             for block in self._checkpointed:
                 del block.forward
             self._checkpointed.clear()
+
+
+def _out_of_place_clip_layers(encoders: nn.Module) -> list[nn.Module]:
+    """Give each CLIPLayer a forward without in-place residual adds.
+
+    ComfyUI's `CLIPLayer.forward` does `x += attn(...)`, which autograd refuses once a
+    text-encoder LoRA needs the activations; the sum is the same out of place.
+    """
+    layers = [m for m in encoders.modules() if type(m).__name__ == "CLIPLayer"]
+    for layer in layers:
+        layer.forward = partial(_clip_layer_forward, layer)
+    return layers
+
+
+def _clip_layer_forward(layer, x, mask=None, optimized_attention=None):
+    x = x + layer.self_attn(layer.layer_norm1(x), mask, optimized_attention)
+    return x + layer.mlp(layer.layer_norm2(x))
 
 
 def _sgm_to_diffusers(model) -> dict[str, str]:

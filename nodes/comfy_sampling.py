@@ -9,7 +9,6 @@ reproducible.
 from __future__ import annotations
 
 import comfy.sample
-import comfy.utils
 import numpy as np
 import torch
 from PIL import Image
@@ -71,9 +70,9 @@ class ComfySampleCallback:
         prompts: list[SamplePrompt],
         every_n_steps: int,
         seed: int,
-        node_id: str | None = None,
     ):
-        self.model, self.clip, self.vae, self.node_id = model, clip, vae, node_id
+        self.model, self.clip, self.vae = model, clip, vae
+        self.fresh: Image.Image | None = None
         self.prompts, self.every, self.seed = prompts, every_n_steps, seed
         self.rows: list[list[Image.Image]] = []
 
@@ -88,11 +87,12 @@ class ComfySampleCallback:
                 self.rows.append(sample_images(self.model, self.clip, self.vae, self.prompts, self.seed))
             finally:
                 network.train(was_training)
-            # The newest samples show on the node while training goes on.
-            preview = ("JPEG", image_grid(self.rows[-1]), 512)
-            comfy.utils.ProgressBar(report.total, node_id=self.node_id).update_absolute(
-                report.step, report.total, preview
-            )
+            self.fresh = image_grid(self.rows[-1])
+
+    def take_preview(self) -> Image.Image | None:
+        """The samples drawn at this step, once, for the node's progress preview."""
+        fresh, self.fresh = self.fresh, None
+        return fresh
 
     def grid(self) -> Image.Image | None:
         """Rows = checkpoints (steps), columns = prompts."""

@@ -77,43 +77,87 @@ def train_lora_in_comfy(
         )
     with torch.inference_mode(False), torch.enable_grad():
         backend = ComfyBackend(model, clip, vae)
-        backend.prepare_for_training()
-        text_cache = CacheConfig(text_encoder_outputs="ram" if cache_text else "none")
-        backend = maybe_cache_text(backend, dataset, text_cache, recipe)
-        runs = _stage_runs(backend, latents, recipe, stages)
-        progress = _Progress(node_id, also_on_step)
-        states = StateWriter(states_dir, save_path.stem, recipe.train.save_last_n_states)
-        state = load_training_state(resume) if resume is not None else None
-        done, weights, records, losses = 0, None, [], []
-        total = sum(total_optimizer_steps(plan, run_recipe.train)[0] for plan, _, run_recipe, _ in runs)
-        for plan, stage_latents, run_recipe, stage in runs:
-            try:
-                trained = train(
-                    backend,
-                    dataset,
-                    plan,
-                    stage_latents,
-                    run_recipe,
-                    on_step=StepOffset([progress], done, total),
-                    resume=state,
-                    save_state=states,
-                    initial_weights=weights,
-                )
-            except TrainingStopped as stop:
-                _keep_stopped(
-                    stop, save_path, backend, run_recipe, dataset, plan, records, save_precision, states
-                )
-                raise (stop.__cause__ or stop) from None
-            done, weights = done + trained.steps, trained.network.kohya_state_dict()
-            losses += trained.losses
-            if stage is not None:
-                records.append(stage_record(stage, run_recipe, trained.steps))
-    trained.losses = losses  # the whole run's curve, across stages
-    metadata = _save(save_path, trained, backend, run_recipe, dataset, plan, records, save_precision)
+        backend.prepare_for_training(text_encoder=recipe.network.train_text_encoder)
+        try:
+            text_cache = CacheConfig(text_encoder_outputs="ram" if cache_text else "none")
+            backend = maybe_cache_text(backend, dataset, text_cache, recipe)
+            runs = _stage_runs(backend, latents, recipe, stages)
+            writer = StateWriter(states_dir, save_path.stem, recipe.train.save_last_n_states)
+            state = load_training_state(resume) if resume is not None else None
+            session = _Session(backend, dataset, save_path, save_precision, writer)
+            trained = session.train(runs, _Progress(node_id, also_on_step), state)
+        finally:
+            backend.release()  # the shared CLIP modules get their own forward back
+    metadata = session.save(save_path, trained)
     # The in-graph result is exactly what LoraLoader gives for the saved file: same tensors, same loader.
     lora = comfy.utils.load_torch_file(str(save_path), safe_load=True)
     model_out, clip_out = comfy.sd.load_lora_for_models(model, clip, lora, 1.0, 1.0)
     return TrainedValue(trained, metadata, save_path), model_out, clip_out
+
+
+class _Session:
+    """One Train LoRA run: its stages in order, each continuing the previous stage's LoRA."""
+
+    def __init__(self, backend, dataset, save_path: Path, save_precision: str, states: StateWriter):
+        self.backend, self.dataset, self.save_path = backend, dataset, save_path
+        self.save_precision, self.states = save_precision, states
+        self.records: list[dict] = []
+        self.plan = self.recipe = None
+
+    def train(self, runs, progress, state) -> TrainedLora:
+        total = sum(total_optimizer_steps(plan, recipe.train)[0] for plan, _, recipe, _ in runs)
+        done, weights, losses = 0, None, []
+        for self.plan, stage_latents, self.recipe, stage in runs:
+            try:
+                trained = train(
+                    self.backend,
+                    self.dataset,
+                    self.plan,
+                    stage_latents,
+                    self.recipe,
+                    on_step=StepOffset([progress], done, total),
+                    resume=state,
+                    save_state=self.states,
+                    initial_weights=weights,
+                )
+            except TrainingStopped as stop:
+                self.keep_stopped(stop)
+                raise (stop.__cause__ or stop) from None
+            done, weights = done + trained.steps, trained.network.kohya_state_dict()
+            losses += trained.losses
+            if stage is not None:
+                self.records.append(stage_record(stage, self.recipe, trained.steps))
+        trained.losses = losses  # the whole run's curve, across stages
+        return trained
+
+    def keep_stopped(self, stop: TrainingStopped) -> None:
+        """A cancelled or failed run keeps a `-partial` LoRA and its training state."""
+        if stop.partial.steps > 0:
+            partial = next_free_path(self.save_path.with_name(f"{self.save_path.stem}-partial.safetensors"))
+            self.save(partial, stop.partial)
+            log.warning("training stopped at step %d; partial LoRA saved to %s", stop.partial.steps, partial)
+        if stop.state is not None:
+            log.warning(
+                "training state saved to %s; pick it in resume_from to continue", self.states(stop.state)
+            )
+
+    def save(self, path: Path, trained: TrainedLora) -> dict[str, str]:
+        backend = self.backend
+        metadata = lora_metadata(
+            trained,
+            backend.family,
+            backend.base_model_version,
+            backend.modelspec_architecture,
+            backend.prediction_type,
+            self.recipe,
+            self.dataset,
+            self.plan,
+            path.stem,
+        )
+        metadata["ss_ema_weights"] = "False"
+        metadata.update(stages_metadata(self.records))
+        save_lora(path, trained.kohya_state_dict(), metadata, save_dtype(self.save_precision))
+        return metadata
 
 
 def _stage_runs(backend, latents: LatentsValue, recipe: TrainingRecipe, stages: Sequence[StageConfig]):
@@ -130,18 +174,9 @@ def _stage_runs(backend, latents: LatentsValue, recipe: TrainingRecipe, stages: 
     return runs
 
 
-def _keep_stopped(stop, save_path, backend, recipe, dataset, plan, records, save_precision, states) -> None:
-    """A cancelled or failed run keeps a `-partial` LoRA and its training state."""
-    if stop.partial.steps > 0:
-        partial = next_free_path(save_path.with_name(f"{save_path.stem}-partial.safetensors"))
-        _save(partial, stop.partial, backend, recipe, dataset, plan, records, save_precision)
-        log.warning("training stopped at step %d; partial LoRA saved to %s", stop.partial.steps, partial)
-    if stop.state is not None:
-        log.warning("training state saved to %s; pick it in resume_from to continue", states(stop.state))
-
-
 class _Progress:
-    """Step callback: Cancel check, ProgressBar with the loss, a live loss-plot preview."""
+    """Step callback: Cancel check, the other callbacks, then ProgressBar with a preview: samples
+    drawn at this step if any (`take_preview`), else every few steps the live loss plot."""
 
     def __init__(self, node_id: str | None, also: Sequence[Callable[[StepReport], None]] = ()):
         self.node_id, self.also = node_id, tuple(also)
@@ -154,13 +189,18 @@ class _Progress:
         self.losses.append(loss)
         if self.bar is None:
             self.bar = comfy.utils.ProgressBar(total, node_id=self.node_id)
+        for callback in self.also:
+            callback(report)
+        samples = [
+            s for s in (getattr(c, "take_preview", lambda: None)() for c in self.also) if s is not None
+        ]
         preview = None
-        if step == 1 or step % PREVIEW_EVERY == 0 or step == total:
+        if samples:
+            preview = ("JPEG", samples[0], 512)
+        elif step == 1 or step % PREVIEW_EVERY == 0 or step == total:
             plot = render_loss_plot(self.losses, title=f"loss {loss:.4f} (step {step}/{total})")
             preview = ("JPEG", plot, 512)
         self.bar.update_absolute(step, total, preview)
-        for callback in self.also:
-            callback(report)
 
 
 def _trainable(latents):
@@ -170,33 +210,6 @@ def _trainable(latents):
     return CachedLatents(
         [LatentSample(s.latents.clone(), s.original_size, s.crop_left_top, s.bucket) for s in latents.samples]
     )
-
-
-def _save(
-    path: Path,
-    trained: TrainedLora,
-    backend: ComfyBackend,
-    recipe: TrainingRecipe,
-    dataset,
-    plan,
-    records,
-    save_precision: str,
-) -> dict[str, str]:
-    metadata = lora_metadata(
-        trained,
-        backend.family,
-        backend.base_model_version,
-        backend.modelspec_architecture,
-        backend.prediction_type,
-        recipe,
-        dataset,
-        plan,
-        path.stem,
-    )
-    metadata["ss_ema_weights"] = "False"
-    metadata.update(stages_metadata(records))
-    save_lora(path, trained.kohya_state_dict(), metadata, save_dtype(save_precision))
-    return metadata
 
 
 def lora_metadata(

@@ -314,8 +314,8 @@ class ConfigureNetwork(io.ComfyNode):
                 io.Boolean.Input(
                     "train_text_encoder",
                     default=False,
-                    tooltip="Also train text-encoder LoRA "
-                    "(not yet supported inside ComfyUI: train from the CLI).",
+                    tooltip="Also train LoRA on the text encoder(s) (kohya's default); "
+                    "off trains the UNet only.",
                 ),
                 *(
                     io.String.Input(

@@ -232,7 +232,7 @@ class TrainLoRA(io.ComfyNode):
                 "Train LoRA: sample_prompts need the VAE input connected (to decode the samples)"
             )
         node_id = cls.hidden.unique_id if cls.hidden else None
-        sampler = ComfySampleCallback(model, clip, vae, prompts, sample_every_n_steps, seed, node_id)
+        sampler = ComfySampleCallback(model, clip, vae, prompts, sample_every_n_steps, seed)
         save_path = free_save_path(lora_name, overwrite)
         trained, model_out, clip_out = train_lora_in_comfy(
             model,

@@ -177,3 +177,37 @@ def test_a_finished_run_leaves_the_input_model_bit_identical(comfy, sd15_checkpo
     after = model.model.diffusion_model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert all("forward" not in vars(m) for m in model.model.diffusion_model.modules())
+
+
+def test_text_encoder_lora_trains_and_leaves_the_input_clip_bit_identical(
+    comfy, sd15_checkpoint, tiny_dataset
+):
+    import comfy.sd as comfy_sd
+    from safetensors.torch import load_file
+
+    model, clip, vae = _load_model(sd15_checkpoint.path)
+    before = {k: v.clone() for k, v in clip.cond_stage_model.state_dict().items()}
+    nodes, latents = _node_graph_values(comfy, model, vae, tiny_dataset)
+    with torch.inference_mode():
+        network = nodes.ConfigureNetwork.execute(
+            network_dim=4,
+            network_alpha=4.0,
+            conv_dim=0,
+            conv_alpha=1.0,
+            network_dropout=0.0,
+            rank_dropout=0.0,
+            module_dropout=0.0,
+            train_text_encoder=True,
+        ).result[0]
+        out = nodes.TrainLoRA.execute(
+            model, clip, latents, 1, 1, 1, False, 1, "it_te", False, "fp32", network=network
+        ).result
+    lora = load_file(out[3])
+    te_ups = [k for k in lora if k.startswith("lora_te_") and k.endswith("lora_up.weight")]
+    assert len(te_ups) == 72 and all(lora[k].abs().sum() > 0 for k in te_ups)
+    after = clip.cond_stage_model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all("forward" not in vars(m) for m in clip.cond_stage_model.modules())
+    with comfy.capture_logs() as messages:
+        comfy_sd.load_lora_for_models(model, clip, lora, 1.0, 1.0)
+    assert not [m for m in messages if "lora key not loaded" in m], messages
