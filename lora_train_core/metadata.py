@@ -188,3 +188,25 @@ def _modelspec(family, architecture, prediction_type, title, bucket_cfg, finishe
         "modelspec.prediction_type": "v" if prediction_type == "v_prediction" else "epsilon",
         "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(finished_at)),
     }
+
+
+def run_metadata(
+    recipe, backend, dataset: Dataset, plan: BucketPlan, trained, output_name: str, model_name: str
+) -> dict[str, str]:
+    """`training_metadata` of a run (`trained`, a TrainedLora) on `backend`."""
+    return training_metadata(
+        recipe=recipe,
+        family=backend.family,
+        base_model_version=backend.base_model_version,
+        modelspec_architecture=backend.modelspec_architecture,
+        prediction_type=backend.prediction_type,
+        dataset=dataset,
+        plan=plan,
+        output_name=output_name,
+        model_name=model_name,
+        steps=trained.steps,
+        epochs=trained.epochs,
+        total_steps=trained.total_steps,
+        started_at=trained.started_at,
+        finished_at=trained.finished_at,
+    )

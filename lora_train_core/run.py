@@ -27,7 +27,7 @@ from .errors import ConfigError
 from .export import next_free_path, save_dtype, save_lora
 from .intermediate_saves import IntermediateSaver
 from .latent_cache import build_latents
-from .metadata import training_metadata
+from .metadata import run_metadata
 from .sampling import SampleWriter
 from .stages import (
     StageConfig,
@@ -185,21 +185,9 @@ class _Run:
     ) -> Path:
         """Save with kohya metadata; a multi-stage run records its stages and total steps."""
         cfg, backend = self.cfg, self.backend
-        metadata = training_metadata(
-            recipe=stage.recipe,
-            family=backend.family,
-            base_model_version=backend.base_model_version,
-            modelspec_architecture=backend.modelspec_architecture,
-            prediction_type=backend.prediction_type,
-            dataset=stage.dataset,
-            plan=stage.plan,
-            output_name=cfg.output.output_name,
-            model_name=cfg.model.path.name if cfg.model else "in-memory",
-            steps=trained.steps,
-            epochs=trained.epochs,
-            total_steps=trained.total_steps,
-            started_at=trained.started_at,
-            finished_at=trained.finished_at,
+        model_name = cfg.model.path.name if cfg.model else "in-memory"
+        metadata = run_metadata(
+            stage.recipe, backend, stage.dataset, stage.plan, trained, cfg.output.output_name, model_name
         )
         metadata["ss_ema_weights"] = str(use_ema)
         metadata.update(stages_metadata(self.records))

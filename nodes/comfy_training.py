@@ -24,7 +24,7 @@ from ..lora_train_core.errors import ConfigError
 from ..lora_train_core.export import next_free_path, save_dtype, save_lora
 from ..lora_train_core.latent_cache import CacheConfig, CachedLatents, LatentSample, build_latents
 from ..lora_train_core.loss_plot import render_loss_plot
-from ..lora_train_core.metadata import training_metadata
+from ..lora_train_core.metadata import run_metadata
 from ..lora_train_core.stages import (
     StageConfig,
     StepOffset,
@@ -143,16 +143,8 @@ class _Session:
 
     def save(self, path: Path, trained: TrainedLora) -> dict[str, str]:
         backend = self.backend
-        metadata = lora_metadata(
-            trained,
-            backend.family,
-            backend.base_model_version,
-            backend.modelspec_architecture,
-            backend.prediction_type,
-            self.recipe,
-            self.dataset,
-            self.plan,
-            path.stem,
+        metadata = run_metadata(
+            self.recipe, backend, self.dataset, self.plan, trained, path.stem, "ComfyUI MODEL"
         )
         metadata["ss_ema_weights"] = "False"
         metadata.update(stages_metadata(self.records))
@@ -209,25 +201,4 @@ def _trainable(latents):
         return latents
     return CachedLatents(
         [LatentSample(s.latents.clone(), s.original_size, s.crop_left_top, s.bucket) for s in latents.samples]
-    )
-
-
-def lora_metadata(
-    trained, family, base_model_version, architecture, prediction_type, recipe, dataset, plan, name
-) -> dict[str, str]:
-    return training_metadata(
-        recipe=recipe,
-        family=family,
-        base_model_version=base_model_version,
-        modelspec_architecture=architecture,
-        prediction_type=prediction_type,
-        dataset=dataset,
-        plan=plan,
-        output_name=name,
-        model_name="ComfyUI MODEL",
-        steps=trained.steps,
-        epochs=trained.epochs,
-        total_steps=trained.total_steps,
-        started_at=trained.started_at,
-        finished_at=trained.finished_at,
     )
