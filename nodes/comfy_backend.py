@@ -11,7 +11,7 @@ See DESIGN.md, "The sigma convention"; tests/integration/test_parity.py proves i
 from __future__ import annotations
 
 from collections.abc import Sequence
-from functools import partial
+from functools import cached_property, partial
 
 import comfy.model_management as mm
 import comfy.model_sampling
@@ -23,6 +23,7 @@ from torch.utils.checkpoint import checkpoint
 from ..lora_train_core.backends.base import TextConditioning
 from ..lora_train_core.errors import ConfigError, ModelError
 from ..lora_train_core.kohya_keys import LoraTarget, sgm_unet_targets, text_encoder_targets
+from ..lora_train_core.latent_cache import weights_fingerprint
 
 BASE_MODEL_VERSION = {"sd15": "sd_v1", "sdxl": "sdxl_base_v1-0"}
 MODELSPEC_ARCHITECTURE = {"sd15": "stable-diffusion-v1/lora", "sdxl": "stable-diffusion-xl-v1-base/lora"}
@@ -64,9 +65,13 @@ class ComfyBackend:
         self.latent_downscale = 8
         self.base_model_version = BASE_MODEL_VERSION[self.family]
         self.modelspec_architecture = MODELSPEC_ARCHITECTURE[self.family]
-        self.fingerprint = _vae_fingerprint(vae) if vae is not None else "no-vae"
         self._checkpointed: list[nn.Module] = []
         self._layers_out_of_place: list[nn.Module] = []
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """The VAE's weights fingerprint, for the latent cache key (computed when first asked)."""
+        return weights_fingerprint(self.vae.get_sd()) if self.vae is not None else "no-vae"
 
     def prepare_for_training(self, text_encoder: bool = False) -> None:
         """Load the model on its device and make its weights usable by autograd.
@@ -142,7 +147,7 @@ class ComfyBackend:
     def lora_targets(self, include_conv: bool, unet: bool, text_encoder: bool) -> list[LoraTarget]:
         targets: list[LoraTarget] = []
         if unet:
-            rename = str if self.family == "sdxl" else partial(_diffusers_name, _sgm_to_diffusers(self.model))
+            rename = str if self.family == "sdxl" else _sgm_to_diffusers(self.model).__getitem__
             targets += sgm_unet_targets(self.diffusion_model, include_conv=include_conv, rename=rename)
         if text_encoder:
             if self.clip is None:
@@ -191,10 +196,6 @@ def _sgm_to_diffusers(model) -> dict[str, str]:
     return {s[: -len(".weight")]: d[: -len(".weight")] for d, s in d2s.items() if d.endswith(".weight")}
 
 
-def _diffusers_name(mapping: dict[str, str], sgm_path: str) -> str:
-    return mapping[sgm_path]
-
-
 def _make_trainable(module: nn.Module) -> None:
     """Replace inference-tensor parameters by equal normal tensors.
 
@@ -208,13 +209,3 @@ def _make_trainable(module: nn.Module) -> None:
     for name, buf in list(module.named_buffers()):
         if buf.is_inference():
             comfy.utils.set_attr(module, name, buf.clone())
-
-
-def _vae_fingerprint(vae) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    for name, tensor in sorted(vae.get_sd().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-    return digest.hexdigest()

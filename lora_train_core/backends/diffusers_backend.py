@@ -7,9 +7,9 @@ pooled, projected output of the second (`sdxl_train_util`).
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -18,6 +18,7 @@ from torch import nn
 
 from ..errors import ConfigError, ModelError, check_choice
 from ..kohya_keys import LoraTarget, text_encoder_targets, unet_targets
+from ..latent_cache import weights_fingerprint
 from .base import TextConditioning
 
 FAMILIES = ("sd15", "sdxl")
@@ -83,18 +84,11 @@ class DiffusersBackend:
         self.latent_downscale = 2 ** (len(vae.config.block_out_channels) - 1)
         self.base_model_version = BASE_MODEL_VERSION[family]
         self.modelspec_architecture = MODELSPEC_ARCHITECTURE[family]
-        self._fingerprint: str | None = None
 
-    @property
+    @cached_property
     def fingerprint(self) -> str:
-        """SHA-256 over the VAE's weights: a cached latent is valid only for the VAE that made it."""
-        if self._fingerprint is None:
-            digest = hashlib.sha256()
-            for name, tensor in sorted(self.vae.state_dict().items()):
-                digest.update(name.encode())
-                digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-            self._fingerprint = digest.hexdigest()
-        return self._fingerprint
+        """The VAE's weights fingerprint, for the latent cache key (computed when first asked)."""
+        return weights_fingerprint(self.vae.state_dict())
 
     @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
