@@ -30,28 +30,34 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from lora_train_core.cuda_graphs import CAPTURE_WARMUP
+from lora_train_core.speed import compile_blocks
+
 from .models import CASES, build_unet, make_inputs
 from .profile import memory_phases, profile_steps
-from .steps import FastPath, OurStep, StepSetup, build_baseline, build_ours, compile_blocks
+from .steps import FastPath, OurStep, StepSetup, build_baseline, build_ours
 
 __all__ = ["VARIANTS", "FastPath", "OurStep", "build_ours", "main", "run_variant"]
 
 BASELINE = "baseline"
-# Each variant adds one change to the one before it, so that each change is measured.
+# Each rung adds one [speed] option of the core to the one before it, so that each is measured.
 _LADDER = [
     ("ours_core", {}),
-    ("+no_sync", {"host_sync": False}),
-    ("+channels_last", {"channels_last": True}),
-    ("+no_autocast", {"autocast": False}),
-    ("+lora_compute_dtype", {"lora_path": "compute_dtype"}),
     ("+cudnn_benchmark", {"cudnn_benchmark": True}),
     ("+cuda_graph", {"cuda_graph": True}),
     ("+compile_transformer", {"compile": "transformer"}),
     ("+compile_resnet", {"compile": "transformer+resnet"}),
 ]
-# Built on an eager rung (bitsandbytes' optimiser is not capturable), without cuDNN autotuning
-# (its trial workspaces would count in the peak memory this variant is for).
-_BRANCHES = [("+adamw8bit", "+lora_compute_dtype", {"optimizer_type": "AdamW8bit"})]
+# One change on top of a rung: memory options, and prototypes that are not in the core
+# (run 1 measured the prototypes eagerly; these are their graphed A/B tests).
+_BRANCHES = [
+    ("+adamw8bit", "+compile_transformer", {"optimizer_type": "AdamW8bit"}),
+    ("+fp8_base", "+compile_transformer", {"fp8_base": True}),
+    ("+fp8_adamw8bit", "+fp8_base", {"optimizer_type": "AdamW8bit"}),
+    ("+no_sync", "+compile_transformer", {"host_sync": False}),
+    ("+channels_last", "+compile_transformer", {"channels_last": True}),
+    ("+lora_addmm", "+compile_transformer", {"lora_path": "compute_dtype"}),
+]
 
 
 def _variants() -> dict[str, FastPath | None]:
@@ -67,7 +73,6 @@ def _variants() -> dict[str, FastPath | None]:
 
 VARIANTS = _variants()
 GIB = 2**30
-CAPTURE_WARMUP = 3  # eager steps on a side stream before a CUDA graph is captured
 
 
 def run_variant(case_name: str, variant: str, device: torch.device, tiny: bool, warmup: int, steps: int):
@@ -99,9 +104,9 @@ def run_variant(case_name: str, variant: str, device: torch.device, tiny: bool, 
         torch.cuda.reset_peak_memory_stats(device)
     first = time.perf_counter()
     if fast is not None and fast.compile != "none":
-        out["compiled_blocks"] = compile_blocks(setup.unet, fast.compile)
+        out["compiled_blocks"] = len(compile_blocks([setup.unet], fast.compile))
     if fast is not None and fast.cuda_graph:
-        setup.step.capture(generator, CAPTURE_WARMUP)
+        setup.step.use_graphs()  # the next step records the graph (after CAPTURE_WARMUP eager runs)
     losses += [setup.step(generator) for _ in range(warmup)]
     _sync(device)
     out["warmup_s"] = time.perf_counter() - first

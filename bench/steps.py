@@ -8,9 +8,10 @@ added with `unet.add_adapter`, `torch.autocast(bfloat16)`, MSE against ε,
 
 Ours: `lora_train_core`'s components as `train.py` and `step.py` wire them (bf16 frozen UNet,
 kohya LoRA with float32 weights from `network.py`, AdamW from `optim.py`,
-`noise.py` and `loss.py` for the noising and the loss), with the fast-path
-options of `FastPath` on top. Both draw ε and t from a generator seeded alike, so
-they see the same noise and timesteps.
+`noise.py` and `loss.py` for the noising and the loss), with the options of
+`FastPath` on top: the core's [speed] options (`speed.py`, `cuda_graphs.py`: the
+same functions `train()` uses) and a few bench-only prototypes. Both draw ε and t
+from a generator seeded alike, so they see the same noise and timesteps.
 """
 
 from __future__ import annotations
@@ -24,14 +25,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lora_train_core.backends.diffusers_backend import kohya_alphas_cumprod
+from lora_train_core.cuda_graphs import GraphedBackward
 from lora_train_core.kohya_keys import unet_targets
 from lora_train_core.loss import LossConfig, training_loss
 from lora_train_core.network import LoRAModule, LoRANetwork, NetworkConfig
 from lora_train_core.noise import NoiseConfig, add_noise, sample_noise, sample_timesteps
 from lora_train_core.optim import OptimizerConfig, build_optimizer
 from lora_train_core.param_groups import build_param_groups
+from lora_train_core.speed import store_in_fp8
 
-from .graphs import GraphedCall
 from .models import Case, StepInputs, build_unet
 
 RANK = 32
@@ -39,11 +41,6 @@ LEARNING_RATE = 1e-4
 MAX_GRAD_NORM = 1.0
 # kohya's default UNet targets: every Linear / 1×1 conv inside a Transformer2DModel
 PEFT_TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]
-COMPILE_BLOCKS = {
-    "none": (),
-    "transformer": ("BasicTransformerBlock",),
-    "transformer+resnet": ("BasicTransformerBlock", "ResnetBlock2D"),
-}
 LORA_PATHS = ("core", "compute_dtype")
 
 
@@ -54,18 +51,19 @@ class FastPath:
     autocast: run the bf16 UNet under `torch.autocast(bfloat16)`, as step.py does with
         mixed_precision="bf16"; False runs it in plain bf16 (norms stay bf16).
     channels_last: UNet, LoRA convs and the noisy latents in NHWC, so cuDNN skips transposes.
-    host_sync: read the loss back with `.item()` every step (step.py does); False keeps the
-        step free of host syncs, so the CPU queues the next step while the GPU works.
+    host_sync: read the loss and the gradient norm back every step, as step.py's NaN guard
+        does; False keeps the step free of host syncs, so the CPU queues the next step early.
     lora_path: "core" is network.py's LoRAModule.forward (input cast to float32, LoRA in
         float32 unless autocast recasts it); "compute_dtype" is a bench prototype of a
         proposed change: LoRA weights cast to the activation dtype, up-projection and the add
         fused into one addmm (Linear targets).
     cudnn_benchmark: let cuDNN time its convolution algorithms (`torch.backends.cudnn.benchmark`).
-    cuda_graph: capture forward, backward, clipping and the optimiser step as one CUDA graph
-        and replay it (static shapes; the optimiser is built with capturable=True); the
-        noise is drawn outside the graph and copied into its input buffers.
-    compile: torch.compile each block named in COMPILE_BLOCKS[compile] (regional compilation).
+    cuda_graph: speed.cuda_graph: forward, loss and backward replayed from a CUDA graph
+        (cuda_graphs.GraphedBackward); clipping and the optimiser step stay eager, as in
+        step.py; the noise is drawn outside the graph and copied into its input buffers.
+    compile: speed.compile_blocks: torch.compile each block named in COMPILE_BLOCKS[compile].
     optimizer_type: an OptimizerConfig optimizer_type (AdamW is fused on CUDA).
+    fp8_base: speed.fp8_base: the frozen Linear/Conv2d weights stored as float8 e4m3fn.
     """
 
     autocast: bool = True
@@ -76,6 +74,7 @@ class FastPath:
     cuda_graph: bool = False
     compile: str = "none"
     optimizer_type: str = "AdamW"
+    fp8_base: bool = False
 
 
 @dataclass
@@ -138,12 +137,15 @@ def build_ours(
 ) -> StepSetup:
     """lora_train_core's step on a frozen `weight_dtype` UNet, with the options of `fast`."""
     unet = build_unet(case.family, tiny, device).to(weight_dtype)
+    if fast.fp8_base:
+        store_in_fp8(unet)
     network = LoRANetwork(
         unet_targets(unet, case.family, include_conv=False),
         NetworkConfig(network_dim=RANK, network_alpha=RANK),
     )
     if case.gradient_checkpointing:
-        # no dropout anywhere, so the RNG state need not be saved (reading it breaks graph capture)
+        # as train() with speed.cuda_graph: no dropout, so no RNG state to save (nor to read
+        # while a graph records)
         unet.enable_gradient_checkpointing(_checkpoint_without_rng if fast.cuda_graph else None)
     unet.train()
     network.train()
@@ -155,10 +157,7 @@ def build_ours(
     else:
         network.apply_to()
     opt_cfg = OptimizerConfig(
-        optimizer_type=fast.optimizer_type,
-        learning_rate=LEARNING_RATE,
-        max_grad_norm=MAX_GRAD_NORM,
-        optimizer_args=("capturable=True",) if fast.cuda_graph else (),
+        optimizer_type=fast.optimizer_type, learning_rate=LEARNING_RATE, max_grad_norm=MAX_GRAD_NORM
     )
     groups = build_param_groups(network.named_lora_parameters(), case.family, opt_cfg)
     optimizer = build_optimizer(groups, opt_cfg, device)
@@ -177,10 +176,10 @@ def _checkpoint_without_rng(module, *args):
 class OurStep:
     """One optimiser step as step.py's `forward_backward` + `optimizer_step` (default options).
 
-    `draw` makes ε, t and x_t from the generator (noise.py); `train_on` is the rest of the
-    step: forward, loss (loss.py), backward, clipping, optimiser step. Gradients are cleared
-    at the start of `train_on`, so that they can be inspected after the step. With
-    `fast.cuda_graph`, `capture()` records `train_on` once and later steps replay it.
+    `draw` makes ε, t and x_t from the generator (noise.py); `loss_and_backward` is the part
+    step.py records as a CUDA graph with speed.cuda_graph (forward, loss, backward); `update`
+    is the eager rest (clipping, optimiser step). Gradients are cleared at the start of
+    `train_on`, in place when graphed as step.py does, so that they can be inspected after.
     Calling the step returns the loss as a float with `fast.host_sync`, else as a 0-d tensor.
     """
 
@@ -191,11 +190,14 @@ class OurStep:
     alphas_cumprod: Tensor
     weight_dtype: torch.dtype
     fast: FastPath
-    graph: GraphedCall | None = None
+    backward_fn: Callable[..., Tensor] | None = None  # a GraphedBackward once use_graphs() ran
+
+    def use_graphs(self) -> None:
+        """From the next step on, record (once per shape) and replay `loss_and_backward`."""
+        self.backward_fn = GraphedBackward(self.loss_and_backward, self.params)
 
     def __call__(self, generator: torch.Generator) -> Tensor | float:
-        batch = self.draw(generator)
-        loss = self.graph(*batch) if self.graph is not None else self.train_on(*batch)
+        loss = self.train_on(*self.draw(generator))
         return loss.item() if self.fast.host_sync else loss
 
     def draw(self, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
@@ -208,40 +210,35 @@ class OurStep:
         return noisy, timesteps, noise
 
     def train_on(self, noisy: Tensor, timesteps: Tensor, noise: Tensor) -> Tensor:
-        self.optimizer.zero_grad(set_to_none=True)
-        loss = self.loss(self.predict(noisy, timesteps), timesteps, noise)
-        loss.backward()
+        self.optimizer.zero_grad(set_to_none=self.backward_fn is None)
+        loss = (self.backward_fn or self.loss_and_backward)(noisy, timesteps, noise)
         self.update()
-        return loss.detach()
+        return loss
 
-    def predict(self, noisy: Tensor, timesteps: Tensor) -> Tensor:
-        with torch.autocast(noisy.device.type, dtype=torch.bfloat16, enabled=self.fast.autocast):
-            return self.unet(
+    def loss_and_backward(self, noisy: Tensor, timesteps: Tensor, noise: Tensor) -> Tensor:
+        # a recorded graph must not keep autocast's cache of cast weights (as in step.py)
+        autocast = torch.autocast(
+            noisy.device.type,
+            torch.bfloat16,
+            enabled=self.fast.autocast,
+            cache_enabled=self.backward_fn is None,
+        )
+        with autocast:
+            pred = self.unet(
                 noisy,
                 timesteps,
                 encoder_hidden_states=self.inputs.text_hidden.to(self.weight_dtype),
                 added_cond_kwargs=self.inputs.added_cond_kwargs(self.weight_dtype),
             ).sample
-
-    def loss(self, pred: Tensor, timesteps: Tensor, noise: Tensor) -> Tensor:
-        return training_loss(pred, noise, timesteps, self.alphas_cumprod, "epsilon", LossConfig())
+        loss = training_loss(pred, noise, timesteps, self.alphas_cumprod, "epsilon", LossConfig())
+        loss.backward()
+        return loss.detach()
 
     def update(self) -> None:
-        torch.nn.utils.clip_grad_norm_(self.params, MAX_GRAD_NORM)
+        norm = torch.nn.utils.clip_grad_norm_(self.params, MAX_GRAD_NORM)
+        if self.fast.host_sync:
+            float(norm)  # step.py's NaN guard reads the norm before the update
         self.optimizer.step()
-
-    def capture(self, generator: torch.Generator, warmup: int = 3) -> None:
-        """Record `train_on` as one CUDA graph, after `warmup` eager steps on a side stream."""
-        self.graph = GraphedCall(self.train_on, self.draw(generator), warmup)
-
-
-def compile_blocks(unet: nn.Module, which: str) -> int:
-    """torch.compile every module whose class is in COMPILE_BLOCKS[which]; returns how many."""
-    names = COMPILE_BLOCKS[which]
-    blocks = [m for m in unet.modules() if type(m).__name__ in names]
-    for block in blocks:
-        block.compile()
-    return len(blocks)
 
 
 def install_compute_dtype_lora(network: LoRANetwork) -> None:

@@ -30,6 +30,7 @@ from .noise import NoiseConfig
 from .optim import OptimizerConfig
 from .param_groups import BlockWeights
 from .sampling import SampleConfig
+from .speed import SpeedConfig
 from .stages import StageConfig
 from .train import TrainConfig, TrainingRecipe
 
@@ -95,6 +96,7 @@ SECTIONS: dict[str, type] = {
     "captions": CaptionConfig,
     "ema": EMAConfig,
     "blocks": BlockWeights,
+    "speed": SpeedConfig,
     "samples": SampleConfig,
     "stages": StageConfig,  # an array of tables: [[stages]]
     "subset_captions": CaptionConfig,  # [subset_captions."10_cat"]: [captions] keys for one folder
@@ -165,7 +167,7 @@ def run_config_from_dict(raw: dict[str, Any], base_dir: Path = Path(".")) -> Run
 
 
 RECIPE_DIR = Path(__file__).parent / "recipes"
-RECIPE_SECTIONS = ("train", "network", "optimizer", "noise", "loss", "captions", "ema", "blocks")
+RECIPE_SECTIONS = ("train", "network", "optimizer", "noise", "loss", "captions", "ema", "blocks", "speed")
 
 
 def recipe_path(name_or_path: str | Path) -> Path:

@@ -109,21 +109,28 @@ def generate_samples(
             pipe.set_progress_bar_config(disable=True)
             seed = default_seed if prompt.seed is None else prompt.seed
             generator = torch.Generator(backend.device).manual_seed(seed)
-            images.append(
-                pipe(
-                    prompt.prompt,
-                    negative_prompt=prompt.negative_prompt or None,
-                    width=prompt.width,
-                    height=prompt.height,
-                    num_inference_steps=prompt.steps,
-                    guidance_scale=prompt.scale,
-                    generator=generator,
-                    output_type="pil",
-                ).images[0]
-            )
+            with _fp8_autocast(backend):
+                images.append(
+                    pipe(
+                        prompt.prompt,
+                        negative_prompt=prompt.negative_prompt or None,
+                        width=prompt.width,
+                        height=prompt.height,
+                        num_inference_steps=prompt.steps,
+                        guidance_scale=prompt.scale,
+                        generator=generator,
+                        output_type="pil",
+                    ).images[0]
+                )
         return images
     finally:
         network.train(was_training)
+
+
+def _fp8_autocast(backend):
+    """float8 UNet weights (speed.fp8_base) compute only where autocast casts them up."""
+    fp8 = getattr(backend, "fp8_unet", False)
+    return torch.autocast(backend.device.type, dtype=backend.weight_dtype, enabled=fp8)
 
 
 def image_grid(images: Sequence[Image.Image], columns: int | None = None) -> Image.Image:

@@ -41,7 +41,13 @@ MUST_MATCH = (
     "train.mixed_precision",
 )
 # Settings that may change freely: they decide where and how often states are saved.
-_FREE = ("train.save_state_every_n_steps", "train.save_last_n_states")
+_FREE = (
+    "train.save_state_every_n_steps",
+    "train.save_last_n_states",
+    "speed.cuda_graph",  # these three change how fast a step runs, not what it computes
+    "speed.compile_blocks",
+    "speed.cudnn_benchmark",
+)
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ import torch
 from .backends.base import TextConditioning
 from .buckets import BucketPlan, epoch_batches
 from .captions import process_caption
+from .cuda_graphs import GraphedBackward
 from .distributed import SINGLE_PROCESS, DataParallel
 from .loss import training_loss
 from .noise import add_noise, perturbed_noise, sample_noise, sample_timesteps, velocity_target
@@ -60,6 +61,10 @@ class StepRunner:
         self.amp_dtype = MIXED_PRECISION[cfg.mixed_precision]
         self.scaler = torch.amp.GradScaler(backend.device.type, enabled=cfg.mixed_precision == "fp16")
         self.params = [p for g in optimizer.param_groups for p in g["params"]]
+        self.graphed = recipe.speed.cuda_graph
+        self.backward = (
+            GraphedBackward(self._loss_and_backward, self.params) if self.graphed else self._loss_and_backward
+        )
         self.micro_step = 0  # batches accumulated since the last optimiser step
         self.pending_loss = 0.0
         self.text_encoder_trains = self._text_encoder_was_training = True
@@ -125,19 +130,39 @@ class StepRunner:
             return self.dist.mean(torch.zeros((), device=backend.device)).item()
         with self._autocast():
             text = self._encode_text(captions[mine])
-            pred = backend.predict(noisy[mine], timesteps[mine], text, size_cond[mine])
-        weights = self._sample_weights(indices[mine])
-        loss = training_loss(
-            pred,
-            target[mine],
+        loss = self.backward(
+            noisy[mine],
             timesteps[mine],
-            self.alphas_cumprod,
-            backend.prediction_type,
-            recipe.loss,
-            weights,
-        ) * self.dist.loss_weight(len(indices))
+            text.hidden,
+            text.pooled,
+            size_cond[mine],
+            target[mine],
+            self._sample_weights(indices[mine]),
+            torch.full((), self.dist.loss_weight(len(indices)), device=backend.device),
+        )
+        return self.dist.mean(loss).item()
+
+    def _loss_and_backward(
+        self, noisy, timesteps, hidden, pooled, size_cond, target, weights, loss_weight
+    ) -> torch.Tensor:
+        """Predict, weigh the loss, backpropagate: the part of a step speed.cuda_graph replays."""
+        recipe = self.recipe
+        with self._autocast():
+            pred = self.backend.predict(noisy, timesteps, TextConditioning(hidden, pooled), size_cond)
+        loss = (
+            training_loss(
+                pred,
+                target,
+                timesteps,
+                self.alphas_cumprod,
+                self.backend.prediction_type,
+                recipe.loss,
+                weights,
+            )
+            * loss_weight
+        )
         self.scaler.scale(loss / recipe.train.gradient_accumulation_steps).backward()
-        return self.dist.mean(loss.detach()).item()
+        return loss.detach()
 
     def _sample_weights(self, indices) -> torch.Tensor | None:
         """Per-sample loss weights (prior_loss_weight on regularisation images); None when all are 1."""
@@ -159,7 +184,8 @@ class StepRunner:
     def _autocast(self):
         if self.amp_dtype is None:
             return contextlib.nullcontext()
-        return torch.autocast(self.backend.device.type, dtype=self.amp_dtype)
+        # a graph must not keep autocast's cache of cast weights (PyTorch's CUDA-graph notes)
+        return torch.autocast(self.backend.device.type, dtype=self.amp_dtype, cache_enabled=not self.graphed)
 
     def optimizer_step(self, step: int, result: TrainedLora) -> None:
         opt_cfg = self.recipe.optimizer
@@ -180,7 +206,8 @@ class StepRunner:
             result.skipped_steps += 1
             log.info("step %d: fp16 gradients overflowed; the grad scaler skipped the update", step)
         self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        # recorded graphs write into the same .grad tensors every replay
+        self.optimizer.zero_grad(set_to_none=not self.graphed)
         if self.ema is not None:
             self.ema.step(step)
         self.updating = False

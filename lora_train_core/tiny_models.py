@@ -128,10 +128,13 @@ def tiny_components(family: str, seed: int = 0):
     return unet, vae, text_encoders, tokenizers
 
 
-def tiny_backend(family: str = "sd15", seed: int = 0, prediction_type: str = "epsilon") -> DiffusersBackend:
+def tiny_backend(
+    family: str = "sd15", seed: int = 0, prediction_type: str = "epsilon", **placement
+) -> DiffusersBackend:
+    """A DiffusersBackend over tiny_components; `placement`: device, weight_dtype, fp8_unet."""
     unet, vae, text_encoders, tokenizers = tiny_components(family, seed)
     return DiffusersBackend(
-        unet, vae, text_encoders, tokenizers, family=family, prediction_type=prediction_type
+        unet, vae, text_encoders, tokenizers, family=family, prediction_type=prediction_type, **placement
     )
 
 

@@ -31,6 +31,7 @@ from .noise import NoiseConfig
 from .optim import OptimizerConfig, build_optimizer
 from .param_groups import BlockWeights, build_param_groups, excluded_modules, per_module_dims
 from .schedule import build_lr_scheduler
+from .speed import SpeedConfig, check_speed, speedups
 from .state import TrainingState, check_resumable, data_fingerprint
 from .step import MIXED_PRECISION, StepRunner
 from .trained import NonFiniteError, StepCallback, StepReport, TrainedLora, TrainingStopped
@@ -95,6 +96,7 @@ class TrainingRecipe:
     captions: CaptionConfig = field(default_factory=CaptionConfig)
     ema: EMAConfig = field(default_factory=EMAConfig)
     blocks: BlockWeights | None = None
+    speed: SpeedConfig = field(default_factory=SpeedConfig)
     # kohya per-subset caption settings: folder name (e.g. "10_cat") → its full caption config
     subset_captions: Mapping[str, CaptionConfig] = field(default_factory=dict)
 
@@ -139,6 +141,7 @@ def train(
             "train.save_state_every_n_steps: set, but this caller has nowhere to save states; set it to 0"
         )
     check_loss_for_prediction_type(recipe.loss, backend.prediction_type)
+    check_speed(recipe, backend, dist.world_size)
     if dist.world_size > 1 and isinstance(latents, OnTheFlyLatents):
         raise ConfigError(
             "cache.mode: 'none' is not implemented yet for multi-process training; use 'ram' or 'disk'"
@@ -177,8 +180,8 @@ def train(
         check_resumable(resume, recipe, backend.family, data_fingerprint(dataset, plan))
         start_epoch, skip = step_fn.restore(resume, result)
     try:
-        with network.applied():
-            _set_train_mode(backend, network, cfg, training=True)
+        with network.applied(), speedups(backend.trainable_modules(), recipe.speed):
+            _set_train_mode(backend, network, recipe, training=True)
             for epoch in range(start_epoch, total_epochs + 1):
                 if result.steps >= total_steps:  # a state saved at the last step
                     break
@@ -190,7 +193,7 @@ def train(
         state = step_fn.stop_state(result, plan)
         raise TrainingStopped(f"training stopped after step {result.steps}: {exc}", result, state) from exc
     finally:
-        _set_train_mode(backend, network, cfg, training=False)
+        _set_train_mode(backend, network, recipe, training=False)
     result.finished_at = time.time()
     return result
 
@@ -226,10 +229,11 @@ def build_network(backend: Backend, recipe: TrainingRecipe) -> LoRANetwork:
     return LoRANetwork(targets, net, dims, alphas).to(backend.device)
 
 
-def _set_train_mode(backend: Backend, network: LoRANetwork, cfg: TrainConfig, training: bool) -> None:
+def _set_train_mode(backend: Backend, network: LoRANetwork, recipe: TrainingRecipe, training: bool) -> None:
     network.train(training)
-    if cfg.gradient_checkpointing:
-        backend.set_gradient_checkpointing(training)
+    if recipe.train.gradient_checkpointing:
+        # speed.cuda_graph runs without dropout (check_speed), so no RNG state need be replayed
+        backend.set_gradient_checkpointing(training, preserve_rng_state=not recipe.speed.cuda_graph)
         # diffusers checkpoints only modules in train mode; the frozen base has no dropout to change.
         for module in backend.trainable_modules():
             module.train(training)

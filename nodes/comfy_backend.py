@@ -160,12 +160,17 @@ class ComfyBackend:
     def trainable_modules(self) -> list[nn.Module]:
         return [self.diffusion_model] + ([self.clip.cond_stage_model] if self.clip is not None else [])
 
-    def set_gradient_checkpointing(self, enabled: bool) -> None:
+    def set_gradient_checkpointing(self, enabled: bool, preserve_rng_state: bool = True) -> None:
         """Checkpoint each UNet block (ComfyUI's own `use_checkpoint` ignores LoRA tensors held outside)."""
         if enabled and not self._checkpointed:
             dm = self.diffusion_model
             for block in [*dm.input_blocks, dm.middle_block, *dm.output_blocks]:
-                block.forward = partial(checkpoint, type(block).forward.__get__(block), use_reentrant=False)
+                block.forward = partial(
+                    checkpoint,
+                    type(block).forward.__get__(block),
+                    use_reentrant=False,
+                    preserve_rng_state=preserve_rng_state,
+                )
                 self._checkpointed.append(block)
         elif not enabled:
             for block in self._checkpointed:

@@ -9,16 +9,18 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, partial
 from pathlib import Path
 
 import torch
+import torch.utils.checkpoint
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from torch import nn
 
 from ..errors import ConfigError, ModelError, check_choice
 from ..kohya_keys import LoraTarget, text_encoder_targets, unet_targets
 from ..latent_cache import weights_fingerprint
+from ..speed import store_in_fp8
 from .base import TextConditioning
 
 FAMILIES = ("sd15", "sdxl")
@@ -64,7 +66,11 @@ class DiffusersBackend:
         prediction_type: str = "epsilon",
         device: torch.device | str = "cpu",
         weight_dtype: torch.dtype = torch.float32,
+        fp8_unet: bool = False,
     ):
+        """weight_dtype: the frozen weights' and the UNet inputs' dtype (the mixed-precision dtype).
+        fp8_unet: store the UNet's weights as float8 instead (speed.fp8_base); they are cast to
+        weight_dtype where used, under the training step's autocast."""
         check_choice("model.family", family, FAMILIES)
         check_choice("model.prediction_type", prediction_type, ("epsilon", "v_prediction"))
         if len(text_encoders) != len(TE_PREFIXES[family]):
@@ -78,6 +84,13 @@ class DiffusersBackend:
         # The VAE stays fp32: SDXL's VAE overflows in fp16, and it runs once per image when caching.
         self.vae = _place(vae, self.device, torch.float32).eval()
         self.unet = _place(unet, self.device, weight_dtype)
+        if fp8_unet:
+            if weight_dtype == torch.float32:
+                raise ConfigError(
+                    "speed.fp8_base: needs train.mixed_precision 'bf16' or 'fp16' to compute in"
+                )
+            self.unet = store_in_fp8(self.unet)
+        self.fp8_unet = fp8_unet
         self.text_encoders = [_place(te, self.device, weight_dtype) for te in text_encoders]
         self.tokenizers = list(tokenizers)
         self.alphas_cumprod = kohya_alphas_cumprod().to(self.device)
@@ -144,15 +157,25 @@ class DiffusersBackend:
     def trainable_modules(self) -> list[nn.Module]:
         return [self.unet, *self.text_encoders]
 
-    def set_gradient_checkpointing(self, enabled: bool) -> None:
+    def set_gradient_checkpointing(self, enabled: bool, preserve_rng_state: bool = True) -> None:
         if enabled:
-            self.unet.enable_gradient_checkpointing()
+            self.unet.enable_gradient_checkpointing(
+                partial(_checkpoint, preserve_rng_state=preserve_rng_state)
+            )
             for te in self.text_encoders:
                 te.gradient_checkpointing_enable()
         else:
             self.unet.disable_gradient_checkpointing()
             for te in self.text_encoders:
                 te.gradient_checkpointing_disable()
+
+
+def _checkpoint(module: nn.Module, *args, preserve_rng_state: bool):
+    """diffusers' own checkpointing call, with the RNG-state saving made a choice: reading the
+    RNG state is not allowed while a CUDA graph records, and without dropout it is not needed."""
+    return torch.utils.checkpoint.checkpoint(
+        module.__call__, *args, use_reentrant=False, preserve_rng_state=preserve_rng_state
+    )
 
 
 def _place(module: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:
@@ -178,7 +201,10 @@ def detect_family(path: Path) -> str:
 
 
 def load_diffusers_backend(
-    cfg: ModelConfig, device: torch.device | str = "cpu", weight_dtype: torch.dtype = torch.float32
+    cfg: ModelConfig,
+    device: torch.device | str = "cpu",
+    weight_dtype: torch.dtype = torch.float32,
+    fp8_unet: bool = False,
 ) -> DiffusersBackend:
     """Load a base model from a diffusers folder or a single .safetensors checkpoint."""
     path = cfg.path
@@ -195,7 +221,12 @@ def load_diffusers_backend(
     parts = _load_folder(path, family) if path.is_dir() else _load_single_file(path, family)
     prediction_type = "v_prediction" if cfg.v_parameterization else "epsilon"
     return DiffusersBackend(
-        *parts, family=family, prediction_type=prediction_type, device=device, weight_dtype=weight_dtype
+        *parts,
+        family=family,
+        prediction_type=prediction_type,
+        device=device,
+        weight_dtype=weight_dtype,
+        fp8_unet=fp8_unet,
     )
 
 
