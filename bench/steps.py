@@ -216,6 +216,11 @@ class OurStep:
         return loss
 
     def loss_and_backward(self, noisy: Tensor, timesteps: Tensor, noise: Tensor) -> Tensor:
+        loss = self.loss(self.predict(noisy, timesteps), timesteps, noise)
+        loss.backward()
+        return loss.detach()
+
+    def predict(self, noisy: Tensor, timesteps: Tensor) -> Tensor:
         # a recorded graph must not keep autocast's cache of cast weights (as in step.py)
         autocast = torch.autocast(
             noisy.device.type,
@@ -224,15 +229,15 @@ class OurStep:
             cache_enabled=self.backward_fn is None,
         )
         with autocast:
-            pred = self.unet(
+            return self.unet(
                 noisy,
                 timesteps,
                 encoder_hidden_states=self.inputs.text_hidden.to(self.weight_dtype),
                 added_cond_kwargs=self.inputs.added_cond_kwargs(self.weight_dtype),
             ).sample
-        loss = training_loss(pred, noise, timesteps, self.alphas_cumprod, "epsilon", LossConfig())
-        loss.backward()
-        return loss.detach()
+
+    def loss(self, pred: Tensor, timesteps: Tensor, noise: Tensor) -> Tensor:
+        return training_loss(pred, noise, timesteps, self.alphas_cumprod, "epsilon", LossConfig())
 
     def update(self) -> None:
         norm = torch.nn.utils.clip_grad_norm_(self.params, MAX_GRAD_NORM)
