@@ -74,18 +74,21 @@ def _case_table(case_name: str, rows: list[dict]) -> list[str]:
     out = [
         f"#### {case.family.upper()} {case.resolution}², batch {case.batch_size}{gc}",
         "",
-        "| variant | images/s | × baseline | step ms | peak GiB | GFLOP/step | TFLOP/s | one-off s |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| variant | images/s | × baseline | step ms | peak GiB | steady peak GiB | GFLOP/step | TFLOP/s "
+        "| one-off s |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
         if "error" in r:
-            out.append(f"| {r['variant']} | {r['error'][:80]} | | | | | | |")
+            out.append(f"| {r['variant']} | {r['error'][:80]} | | | | | | | |")
             continue
         ratio = f"{r['images_per_s'] / base['images_per_s']:.2f}" if base else "–"
         compile_s = f"{r['compile_s']:.0f}" if "compile_s" in r else ""
         peak = f"{r['peak_gib']:.2f}" if "peak_gib" in r else "–"
+        steady = f"{r['peak_timed_gib']:.2f}" if "peak_timed_gib" in r else "–"  # runs 1-4 lack it
         out.append(
-            f"| {r['variant']} | {r['images_per_s']:.2f} | {ratio} | {r['step_ms_median']:.1f} | {peak} "
+            f"| {r['variant']} | {r['images_per_s']:.2f} | {ratio} | {r['step_ms_median']:.1f} "
+            f"| {peak} | {steady} "
             f"| {r['flops_per_step'] / 1e9:,.0f} | {r['tflops']:.1f} | {compile_s} |"
         )
     return [*out, ""]

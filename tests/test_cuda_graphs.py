@@ -28,6 +28,16 @@ from lora_train_core.train import NonFiniteError, TrainConfig, TrainingRecipe, T
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
 
+@pytest.fixture(autouse=True)
+def _same_conv_algorithms():
+    """cuDNN picks one algorithm per shape for every run (autotuning by timing would not, and
+    a flaky first run on a fresh H200 showed it)."""
+    before = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    yield
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = before
+
+
 BUCKETS = BucketConfig(resolution=(128, 128), min_bucket_reso=64, max_bucket_reso=256, bucket_reso_steps=64)
 
 
@@ -43,7 +53,7 @@ def _recipe(cuda_graph: bool, steps: int = 6) -> TrainingRecipe:
         ),
         network=NetworkConfig(network_dim=4, network_alpha=2.0, train_text_encoder=False),
         optimizer=OptimizerConfig(learning_rate=1e-3),
-        speed=SpeedConfig(cuda_graph=cuda_graph, cudnn_benchmark=cuda_graph),
+        speed=SpeedConfig(cuda_graph=cuda_graph),
     )
 
 
