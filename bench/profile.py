@@ -104,9 +104,10 @@ def memory_phases(step, generator: torch.Generator) -> dict:
     torch.cuda.reset_peak_memory_stats()
     pred = step.predict(noisy, timesteps)
     mark("forward")
-    step.loss(pred, timesteps, noise).backward()
+    loss = step.loss(pred, timesteps, noise)
+    loss.backward()
     del pred
     mark("backward")
-    step.update()
+    step.update(loss.detach())
     mark("optimizer")
     return out

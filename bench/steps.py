@@ -16,6 +16,7 @@ from a generator seeded alike, so they see the same noise and timesteps.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -197,8 +198,7 @@ class OurStep:
         self.backward_fn = GraphedBackward(self.loss_and_backward, self.params)
 
     def __call__(self, generator: torch.Generator) -> Tensor | float:
-        loss = self.train_on(*self.draw(generator))
-        return loss.item() if self.fast.host_sync else loss
+        return self.train_on(*self.draw(generator))
 
     def draw(self, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
         latents, noise_cfg = self.inputs.latents, NoiseConfig()
@@ -209,11 +209,10 @@ class OurStep:
             noisy = noisy.contiguous(memory_format=torch.channels_last)
         return noisy, timesteps, noise
 
-    def train_on(self, noisy: Tensor, timesteps: Tensor, noise: Tensor) -> Tensor:
+    def train_on(self, noisy: Tensor, timesteps: Tensor, noise: Tensor) -> Tensor | float:
         self.optimizer.zero_grad(set_to_none=self.backward_fn is None)
         loss = (self.backward_fn or self.loss_and_backward)(noisy, timesteps, noise)
-        self.update()
-        return loss
+        return self.update(loss)
 
     def loss_and_backward(self, noisy: Tensor, timesteps: Tensor, noise: Tensor) -> Tensor:
         loss = self.loss(self.predict(noisy, timesteps), timesteps, noise)
@@ -239,11 +238,16 @@ class OurStep:
     def loss(self, pred: Tensor, timesteps: Tensor, noise: Tensor) -> Tensor:
         return training_loss(pred, noise, timesteps, self.alphas_cumprod, "epsilon", LossConfig())
 
-    def update(self) -> None:
+    def update(self, loss: Tensor) -> Tensor | float:
+        """Clip and step; with host_sync, read the loss and norm back first as step.py's NaN guard
+        does (one read for both) and return the loss as a float."""
         norm = torch.nn.utils.clip_grad_norm_(self.params, MAX_GRAD_NORM)
         if self.fast.host_sync:
-            float(norm)  # step.py's NaN guard reads the norm before the update
+            loss, norm_value = torch.stack([loss, norm.float()]).tolist()
+            if not math.isfinite(loss + norm_value):
+                raise FloatingPointError(f"loss {loss}, gradient norm {norm_value}")
         self.optimizer.step()
+        return loss
 
 
 def install_compute_dtype_lora(network: LoRANetwork) -> None:

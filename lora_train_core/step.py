@@ -66,7 +66,7 @@ class StepRunner:
             GraphedBackward(self._loss_and_backward, self.params) if self.graphed else self._loss_and_backward
         )
         self.micro_step = 0  # batches accumulated since the last optimiser step
-        self.pending_loss = 0.0
+        self.pending_losses: list[torch.Tensor] = []  # this optimiser step's batch losses, on the device
         self.text_encoder_trains = self._text_encoder_was_training = True
         # Where the last optimiser step left the run: (epoch, batches of it consumed, RNGs then).
         self.boundary: tuple[int, int, RngState] | None = None
@@ -80,19 +80,16 @@ class StepRunner:
         for index in range(skip, len(batches)):
             _bucket, indices = batches[index]
             self.text_encoder_trains = self.recipe.optimizer.text_encoder_trains_at(result.steps)
-            loss = self.forward_backward(indices, epoch)
-            if not self.scaler.is_enabled():  # fp16: the grad scaler skips such steps itself
-                _check_finite("loss", loss, result.steps + 1)
-            self.pending_loss += loss / cfg.gradient_accumulation_steps
+            self.pending_losses.append(self.forward_backward(indices, epoch))
             self.micro_step += 1
             # As kohya (accelerate syncs at the end of the dataloader), an epoch's last batch
             # steps the optimiser even when fewer batches were accumulated.
             if self.micro_step < cfg.gradient_accumulation_steps and index + 1 < len(batches):
                 continue
             self.micro_step = 0
-            self.optimizer_step(result.steps + 1, result)
+            loss = self.optimizer_step(result.steps + 1, result)
             result.steps += 1
-            result.losses.append(self.pending_loss)
+            result.losses.append(loss)
             rng = RngState.capture(self.generator, self.caption_rng, self.backend.device)
             self.boundary = (epoch, index + 1, rng)
             every = cfg.save_state_every_n_steps
@@ -100,13 +97,13 @@ class StepRunner:
                 self.save_state(self.snapshot(result, plan))
             if on_step:
                 lr = self.scheduler.get_last_lr()[0]
-                on_step(StepReport(result.steps, result.total_steps, self.pending_loss, lr, epoch, result))
-            self.pending_loss = 0.0
+                on_step(StepReport(result.steps, result.total_steps, loss, lr, epoch, result))
             if result.steps >= result.total_steps:
                 return True
         return False
 
-    def forward_backward(self, indices, epoch: int) -> float:
+    def forward_backward(self, indices, epoch: int) -> torch.Tensor:
+        """One batch's forward and backward; its loss stays on the device until the optimiser step."""
         recipe, backend = self.recipe, self.backend
         samples = [self.latents.get(i, self.generator) for i in indices]
         latents = torch.stack([s.latents for s in samples]).to(backend.device, torch.float32)
@@ -127,7 +124,7 @@ class StepRunner:
         # Everything above was drawn for the whole global batch; this rank computes its share.
         mine = self.dist.share(len(indices))
         if mine.start == mine.stop:  # more ranks than samples: this rank only joins the averaging
-            return self.dist.mean(torch.zeros((), device=backend.device)).item()
+            return self.dist.mean(torch.zeros((), device=backend.device))
         with self._autocast():
             text = self._encode_text(captions[mine])
         loss = self.backward(
@@ -140,7 +137,7 @@ class StepRunner:
             self._sample_weights(indices[mine]),
             torch.full((), self.dist.loss_weight(len(indices)), device=backend.device),
         )
-        return self.dist.mean(loss).item()
+        return self.dist.mean(loss)
 
     def _loss_and_backward(
         self, noisy, timesteps, hidden, pooled, size_cond, target, weights, loss_weight
@@ -187,7 +184,8 @@ class StepRunner:
         # a graph must not keep autocast's cache of cast weights (PyTorch's CUDA-graph notes)
         return torch.autocast(self.backend.device.type, dtype=self.amp_dtype, cache_enabled=not self.graphed)
 
-    def optimizer_step(self, step: int, result: TrainedLora) -> None:
+    def optimizer_step(self, step: int, result: TrainedLora) -> float:
+        """Average, clip, check and apply the accumulated gradients; returns the step's loss."""
         opt_cfg = self.recipe.optimizer
         self.dist.average_gradients(self.params)
         if opt_cfg.max_grad_norm > 0:
@@ -195,10 +193,16 @@ class StepRunner:
             norm = torch.nn.utils.clip_grad_norm_(self.params, opt_cfg.max_grad_norm)
         else:
             norm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
+        # One read-back per optimiser step, the batch losses and the norm together: each host
+        # sync leaves the GPU idle while the host catches up (bench/RESULTS.md measures it).
+        *losses, norm_value = torch.stack([*self.pending_losses, norm.to(torch.float32)]).tolist()
+        self.pending_losses = []
         fp16 = self.scaler.is_enabled()
         scale = self.scaler.get_scale() if fp16 else None
         if not fp16:  # with fp16 the grad scaler itself skips a step whose gradients are inf/NaN
-            _check_finite("gradient norm", float(norm), step)
+            for value in losses:
+                _check_finite("loss", value, step)
+            _check_finite("gradient norm", norm_value, step)
         self.updating = True
         self.scaler.step(self.optimizer)
         self.scaler.update()
@@ -211,6 +215,10 @@ class StepRunner:
         if self.ema is not None:
             self.ema.step(step)
         self.updating = False
+        loss = 0.0
+        for value in losses:
+            loss += value / self.recipe.train.gradient_accumulation_steps
+        return loss
 
     def snapshot(self, result: TrainedLora, plan: BucketPlan) -> TrainingState:
         """The run as it stood after its last optimiser step (see state.TrainingState)."""
