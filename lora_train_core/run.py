@@ -26,8 +26,9 @@ from .distributed import DataParallel
 from .errors import ConfigError
 from .export import next_free_path, save_dtype, save_lora
 from .intermediate_saves import IntermediateSaver
-from .latent_cache import build_latents
+from .latent_cache import OnTheFlyLatents, build_latents
 from .metadata import run_metadata
+from .parking import Parking
 from .sampling import SampleWriter
 from .stages import (
     StageConfig,
@@ -40,7 +41,7 @@ from .stages import (
 )
 from .state import TrainingState
 from .state_files import StateWriter
-from .text_cache import maybe_cache_text
+from .text_cache import CachedTextEncoder, maybe_cache_text
 from .train import StepCallback, TrainedLora, TrainingStopped, total_optimizer_steps, train
 
 log = logging.getLogger(__name__)
@@ -137,21 +138,25 @@ class _Run:
             out.save_last_n_saves,
             lambda path, run: self.save(path, run, stage),
         )
-        callbacks = StepOffset([*self.writers, saver] if dist.is_main else [], self.done, self.total)
+        parking = Parking(self._idle_modules(latents), self.backend.device)
+        # a validation sample calls the parked modules back; they go back to the CPU after it
+        writers = [*self.writers, saver, lambda _report: parking.park()] if dist.is_main else []
+        callbacks = StepOffset(writers, self.done, self.total)
         states = self.states if dist.is_main else _quiet
         try:
-            trained = train(
-                self.backend,
-                self.dataset,
-                stage.plan,
-                latents,
-                stage.recipe,
-                callbacks,
-                resume,
-                states,
-                self.weights,
-                dist,
-            )
+            with parking:
+                trained = train(
+                    self.backend,
+                    self.dataset,
+                    stage.plan,
+                    latents,
+                    stage.recipe,
+                    callbacks,
+                    resume,
+                    states,
+                    self.weights,
+                    dist,
+                )
         except TrainingStopped as stop:
             if dist.is_main:
                 self.keep_stopped(stop, stage)
@@ -163,6 +168,14 @@ class _Run:
         if stage.config is not None:
             self.records.append(stage_record(stage.config, stage.recipe, trained.steps))
         return trained
+
+    def _idle_modules(self, latents) -> list:
+        """What the steps never call: the VAE once latents are cached, the text encoders once their
+        outputs are (run_training's backends are DiffusersBackends, maybe in a CachedTextEncoder)."""
+        idle = [] if isinstance(latents, OnTheFlyLatents) else [self.backend.vae]
+        if isinstance(self.backend, CachedTextEncoder):
+            idle += self.backend.text_encoders
+        return idle
 
     def keep_stopped(self, stop: TrainingStopped, stage: _Stage) -> None:
         """A stopped run keeps a partial LoRA and its state; a failed save is logged, not raised."""

@@ -110,21 +110,28 @@ def generate_samples(
             seed = default_seed if prompt.seed is None else prompt.seed
             generator = torch.Generator(backend.device).manual_seed(seed)
             with _fp8_autocast(backend):
-                images.append(
-                    pipe(
-                        prompt.prompt,
-                        negative_prompt=prompt.negative_prompt or None,
-                        width=prompt.width,
-                        height=prompt.height,
-                        num_inference_steps=prompt.steps,
-                        guidance_scale=prompt.scale,
-                        generator=generator,
-                        output_type="pil",
-                    ).images[0]
-                )
+                latents = pipe(
+                    prompt.prompt,
+                    negative_prompt=prompt.negative_prompt or None,
+                    width=prompt.width,
+                    height=prompt.height,
+                    num_inference_steps=prompt.steps,
+                    guidance_scale=prompt.scale,
+                    generator=generator,
+                    output_type="latent",
+                ).images
+            images.append(_decode(backend, pipe, latents))
         return images
     finally:
         network.train(was_training)
+
+
+def _decode(backend, pipe, latents: torch.Tensor) -> Image.Image:
+    """Latents → picture with the float32 VAE (the pipelines would feed it latents in the
+    UNet's bf16/fp16, which SD1.5's pipeline does not cast back)."""
+    vae = backend.vae
+    pixels = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
+    return pipe.image_processor.postprocess(pixels, output_type="pil")[0]
 
 
 def _fp8_autocast(backend):

@@ -28,6 +28,7 @@ from lora_train_core.train import NonFiniteError, TrainConfig, TrainingRecipe, T
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
 
+
 @pytest.fixture(autouse=True)
 def _same_conv_algorithms():
     """cuDNN picks one algorithm per shape for every run (autotuning by timing would not, and

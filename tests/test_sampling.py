@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from lora_train_core.buckets import BucketConfig, plan_buckets
@@ -50,8 +51,9 @@ def test_prompt_files_in_txt_toml_and_json(tmp_path):
     )
 
 
-def _run_with_samples(dataset_dir, out_dir):
-    backend = tiny_backend("sd15", seed=0)
+def _run_with_samples(dataset_dir, out_dir, mixed_precision="no"):
+    weight_dtype = torch.bfloat16 if mixed_precision == "bf16" else torch.float32
+    backend = tiny_backend("sd15", seed=0, weight_dtype=weight_dtype)
     dataset = load_dataset(DatasetConfig(path=dataset_dir))
     plan = plan_buckets(
         dataset.images, BucketConfig(resolution=(128, 128), min_bucket_reso=64, max_bucket_reso=256)
@@ -68,7 +70,7 @@ def _run_with_samples(dataset_dir, out_dir):
         "lora",
     )
     recipe = TrainingRecipe(
-        train=TrainConfig(max_train_steps=3, train_batch_size=2, seed=1),
+        train=TrainConfig(max_train_steps=3, train_batch_size=2, seed=1, mixed_precision=mixed_precision),
         network=NetworkConfig(network_dim=4, network_alpha=4.0),
         optimizer=OptimizerConfig(learning_rate=1e-2),
     )
@@ -89,6 +91,13 @@ def test_samples_are_written_at_the_requested_steps_and_identical_across_runs(sh
         assert np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(b))), a.name
     # the LoRA changed between step 2 and 3, so the pictures did too
     assert not np.array_equal(np.asarray(Image.open(first[0])), np.asarray(Image.open(first[2])))
+
+
+def test_samples_are_drawn_when_training_in_bf16(shapes_dataset, tmp_path):
+    """The UNet's bf16 latents are decoded by the float32 VAE (SD1.5's pipeline would not cast)."""
+    written = _run_with_samples(shapes_dataset, tmp_path, mixed_precision="bf16")
+    assert len(written) == 4
+    assert np.asarray(Image.open(written[0])).std() > 0
 
 
 def test_image_grid_places_images_in_rows():
