@@ -74,7 +74,7 @@ def _case_table(case_name: str, rows: list[dict]) -> list[str]:
     out = [
         f"#### {case.family.upper()} {case.resolution}², batch {case.batch_size}{gc}",
         "",
-        "| variant | images/s | × baseline | step ms | peak GiB | steady peak GiB | GFLOP/step | TFLOP/s "
+        "| variant | images/s | × baseline | step ms | peak GiB | steady GiB | GFLOP/step | TFLOP/s "
         "| one-off s |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
@@ -85,7 +85,7 @@ def _case_table(case_name: str, rows: list[dict]) -> list[str]:
         ratio = f"{r['images_per_s'] / base['images_per_s']:.2f}" if base else "–"
         compile_s = f"{r['compile_s']:.0f}" if "compile_s" in r else ""
         peak = f"{r['peak_gib']:.2f}" if "peak_gib" in r else "–"
-        steady = f"{r['peak_timed_gib']:.2f}" if "peak_timed_gib" in r else "–"  # runs 1-4 lack it
+        steady = f"{r['steady_gib']:.2f}" if "steady_gib" in r else "–"  # runs 1-6 lack it
         out.append(
             f"| {r['variant']} | {r['images_per_s']:.2f} | {ratio} | {r['step_ms_median']:.1f} "
             f"| {peak} | {steady} "
