@@ -60,6 +60,16 @@ _BRANCHES = [
     ("+no_sync", "+compile_transformer", {"host_sync": False}),
     ("+channels_last", "+compile_transformer", {"channels_last": True}),
     ("+lora_addmm", "+compile_transformer", {"lora_path": "compute_dtype"}),
+    # without a CUDA graph (its private pool holds more than the eager step's peak): memory first
+    ("eager+adamw8bit", "ours_core", {"optimizer_type": "AdamW8bit"}),
+    ("eager+fp8_base", "ours_core", {"fp8_base": True}),
+    ("eager+fp8_adamw8bit", "eager+fp8_base", {"optimizer_type": "AdamW8bit"}),
+    ("eager+compile_transformer", "ours_core", {"compile": "transformer"}),
+    (
+        "eager+compile_fp8_adamw8bit",
+        "eager+compile_transformer",
+        {"fp8_base": True, "optimizer_type": "AdamW8bit"},
+    ),
 ]
 
 
