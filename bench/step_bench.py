@@ -12,10 +12,10 @@ between two CUDA events, with no host sync in between. Reported: images/s from
 the median step, FLOPs per step and achieved TFLOP/s, and peak
 `torch.cuda.max_memory_allocated` over every step after the counted one
 (compile, capture, warm-up and timed steps; the counted step's own peak is kept
-apart as `peak_counted_step_gib`), and the steady memory (`steady_gib`: what training
-holds once shapes are recorded and autotuned: the peak allocated over the timed steps,
-or, when larger, what stays reserved after `empty_cache`, which counts a CUDA graph's
-private memory pool; `max_memory_allocated` alone does not see the pool after recording).
+apart as `peak_counted_step_gib`), and the steady memory (`steady_gib`: the most the
+timed steps held reserved from the driver, the cache emptied before them: what
+training holds once shapes are recorded and autotuned, fragmentation included, and
+the only measure that sees a CUDA graph's private pool after recording).
 Results are written after every variant, so a run cut short keeps what it did.
 """
 
@@ -125,6 +125,7 @@ def run_variant(case_name: str, variant: str, device: torch.device, tiny: bool, 
     out["warmup_s"] = time.perf_counter() - first
     if cuda:  # one-off peaks (compiling, recording, cuDNN's trial workspaces) apart from the steady one
         out["peak_warmup_gib"] = torch.cuda.max_memory_allocated(device) / GIB
+        torch.cuda.empty_cache()  # the timed steps then reserve only what they need
         torch.cuda.reset_peak_memory_stats(device)
     times, more, wall = _timed_steps(setup, generator, device, steps)
     losses += more
@@ -143,12 +144,10 @@ def run_variant(case_name: str, variant: str, device: torch.device, tiny: bool, 
     if cuda:
         out["peak_gib"] = max(out["peak_warmup_gib"], torch.cuda.max_memory_allocated(device) / GIB)
         out["peak_timed_gib"] = torch.cuda.max_memory_allocated(device) / GIB
-        # A CUDA graph's activations live in its private pool: reserved, never "allocated" again
-        # after recording. With the cache's idle blocks released, what stays reserved is the
-        # static memory plus the pools; the larger of the two is what a run holds.
-        torch.cuda.empty_cache()
-        out["reserved_steady_gib"] = torch.cuda.memory_reserved(device) / GIB
-        out["steady_gib"] = max(out["peak_timed_gib"], out["reserved_steady_gib"])
+        # What the timed steps held from the driver, fragmentation included: the same measure
+        # for an eager step (its activations come and go in the cache) and a graphed one (its
+        # activations live in the graph's private pool, reserved and never "allocated" again).
+        out["steady_gib"] = torch.cuda.max_memory_reserved(device) / GIB
         out["mem_steady_gib"] = torch.cuda.memory_allocated(device) / GIB
     return out, setup
 

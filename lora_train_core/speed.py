@@ -6,7 +6,7 @@ cuda_graph: the step's forward, loss and backward are recorded as one CUDA graph
     per batch shape (one per bucket) and replayed, so the host launches one graph
     instead of thousands of small kernels; the optimiser, clipping, the NaN guard
     and EMA stay eager, so every optimiser works (cuda_graphs.py). The graphs'
-    memory pool holds more than an eager step's peak (RESULTS.md: 8.5 vs 6.9 GiB).
+    memory pool holds more than an eager step (RESULTS.md run 8: 8.8 vs 7.8 GiB).
 compile_blocks: `torch.compile` each repeated block of the denoiser (regional
     compilation: one compiled graph per block shape, compiled once).
 cudnn_benchmark: let cuDNN time its convolution algorithms for each new shape.
