@@ -34,6 +34,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from lora_train_core.cuda_graphs import CAPTURE_WARMUP
+from lora_train_core.distributed import SINGLE_PROCESS, DataParallel
 from lora_train_core.speed import compile_blocks
 
 from .models import CASES, build_unet, make_inputs
@@ -88,13 +89,26 @@ VARIANTS = _variants()
 GIB = 2**30
 
 
-def run_variant(case_name: str, variant: str, device: torch.device, tiny: bool, warmup: int, steps: int):
-    """Build, count, compile, warm up and time one (case, variant); a dict of the measurements."""
+def run_variant(
+    case_name: str,
+    variant: str,
+    device: torch.device,
+    tiny: bool,
+    warmup: int,
+    steps: int,
+    dist: DataParallel = SINGLE_PROCESS,
+):
+    """Build, count, compile, warm up and time one (case, variant); a dict of the measurements.
+
+    With several processes (`dist`, ours only) each rank draws its own inputs and noise and
+    the gradients are averaged every step, as step.py does (scaling_bench.py).
+    """
     case, fast = CASES[case_name], VARIANTS[variant]
     cuda = device.type == "cuda"
     torch.backends.cudnn.benchmark = bool(fast and fast.cudnn_benchmark)
     t0 = time.perf_counter()
-    inputs = make_inputs(build_unet(case.family, tiny, torch.device("meta")).config, case, tiny, device)
+    unet_config = build_unet(case.family, tiny, torch.device("meta")).config
+    inputs = make_inputs(unet_config, case, tiny, device, seed=dist.rank)
     setup = (
         build_baseline(case, inputs, device, tiny)
         if fast is None
@@ -107,7 +121,9 @@ def run_variant(case_name: str, variant: str, device: torch.device, tiny: bool, 
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
         out["mem_model_gib"] = torch.cuda.memory_allocated(device) / GIB  # weights and LoRA
-    generator = torch.Generator(device).manual_seed(0)
+    if dist.world_size > 1:
+        setup.step.dist = dist
+    generator = torch.Generator(device).manual_seed(dist.rank)
     with FlopCounterMode(display=False) as counter:
         losses = [setup.step(generator)]
     out["flops_per_step"] = counter.get_total_flops()

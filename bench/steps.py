@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from lora_train_core.backends.diffusers_backend import kohya_alphas_cumprod
 from lora_train_core.cuda_graphs import GraphedBackward
+from lora_train_core.distributed import SINGLE_PROCESS, DataParallel
 from lora_train_core.kohya_keys import unet_targets
 from lora_train_core.loss import LossConfig, training_loss
 from lora_train_core.network import LoRAModule, LoRANetwork, NetworkConfig
@@ -192,6 +193,7 @@ class OurStep:
     weight_dtype: torch.dtype
     fast: FastPath
     backward_fn: Callable[..., Tensor] | None = None  # a GraphedBackward once use_graphs() ran
+    dist: DataParallel = SINGLE_PROCESS  # several processes: gradients averaged as step.py does
 
     def use_graphs(self) -> None:
         """From the next step on, record (once per shape) and replay `loss_and_backward`."""
@@ -212,6 +214,7 @@ class OurStep:
     def train_on(self, noisy: Tensor, timesteps: Tensor, noise: Tensor) -> Tensor | float:
         self.optimizer.zero_grad(set_to_none=self.backward_fn is None)
         loss = (self.backward_fn or self.loss_and_backward)(noisy, timesteps, noise)
+        self.dist.average_gradients(self.params)
         return self.update(loss)
 
     def loss_and_backward(self, noisy: Tensor, timesteps: Tensor, noise: Tensor) -> Tensor:

@@ -65,7 +65,11 @@ class DataParallel:
         flat = self.mean(torch.cat([g.reshape(-1) for g in grads]))
         offset = 0
         for p in trainable:
-            p.grad = flat[offset : offset + p.numel()].view_as(p).clone()
+            mean = flat[offset : offset + p.numel()].view_as(p)
+            if p.grad is None:
+                p.grad = mean.clone()
+            else:  # in place: a recorded CUDA graph keeps writing into these same tensors
+                p.grad.copy_(mean)
             offset += p.numel()
 
     def main_first(self):
