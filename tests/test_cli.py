@@ -120,3 +120,32 @@ def test_empty_dataset_folder_is_a_clear_error(tmp_path, tiny_model_dir, capsys)
 def test_missing_config_file_is_a_clear_error(tmp_path, capsys):
     code, _, err = _run(["train", str(tmp_path / "nope.toml")], capsys)
     assert code == 2 and "nope.toml" in err and "does not exist" in err
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        ("[speed]\ncuda_graph = true\n", "speed.cuda_graph: needs a CUDA device; this run is on cpu"),
+        ("[speed]\nfp8_base = true\n", "speed.fp8_base: needs train.mixed_precision 'bf16' or 'fp16'"),
+        ('[speed]\ncompile_blocks = "unet"\n', "speed.compile_blocks"),
+    ],
+)
+def test_speed_settings_a_run_cannot_honour_are_refused(tmp_path, tiny_model_dir, capsys, extra, expected):
+    dataset = make_synthetic_dataset(tmp_path / "data", count=2)
+    code, _, err = _run(["train", str(_write_config(tmp_path, tiny_model_dir, dataset, extra))], capsys)
+    assert code == 2
+    assert expected in err
+    assert "Traceback" not in err
+
+
+def test_the_cli_loads_the_unet_in_fp8_when_asked(tmp_path, tiny_model_dir, capsys):
+    dataset = make_synthetic_dataset(tmp_path / "data", count=4)
+    extra = "[speed]\nfp8_base = true\n[network]\ntrain_text_encoder = false\n"
+    config = _write_config(tmp_path, tiny_model_dir, dataset, extra)
+    config.write_text(
+        config.read_text().replace("train_batch_size = 2", 'train_batch_size = 2\nmixed_precision = "bf16"')
+    )
+    code, _, err = _run(["train", str(config)], capsys)
+    # train() refuses speed.fp8_base unless the backend's UNet really is float8 (check_speed)
+    assert code == 0, err
+    assert load_file(tmp_path / "out" / "my_lora.safetensors")
