@@ -140,6 +140,7 @@ def training_metadata(
         "ss_gradient_accumulation_steps": train.gradient_accumulation_steps,
         "ss_gradient_checkpointing": train.gradient_checkpointing,
         "ss_mixed_precision": train.mixed_precision,
+        "ss_fp8_base": recipe.speed.fp8_base,  # changes results: the base weights were float8
         "ss_seed": train.seed,
         "ss_resolution": f"({bucket_cfg.resolution[0]}, {bucket_cfg.resolution[1]})",
         "ss_enable_bucket": bucket_cfg.enable_bucket,

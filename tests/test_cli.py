@@ -148,4 +148,6 @@ def test_the_cli_loads_the_unet_in_fp8_when_asked(tmp_path, tiny_model_dir, caps
     code, _, err = _run(["train", str(config)], capsys)
     # train() refuses speed.fp8_base unless the backend's UNet really is float8 (check_speed)
     assert code == 0, err
-    assert load_file(tmp_path / "out" / "my_lora.safetensors")
+    saved = tmp_path / "out" / "my_lora.safetensors"
+    assert load_file(saved)
+    assert read_metadata(saved)["ss_fp8_base"] == "True"
