@@ -10,11 +10,11 @@ The NaN guard still stops a graphed run before a bad step touches the weights.
 
 from __future__ import annotations
 
-import dataclasses
 from collections import Counter
 
 import pytest
 import torch
+from faults import PoisonedLatents
 
 from lora_train_core import cuda_graphs
 from lora_train_core.buckets import BucketConfig, plan_buckets
@@ -91,24 +91,11 @@ def test_a_graphed_run_trains_as_the_eager_run(family, shapes_dataset, monkeypat
     assert len(records) > 1 and set(records.values()) == {1}
 
 
-class _PoisonedLatents:
-    """Cached latents whose `bad_read`-th read is NaN; with batch 1 and accumulation 2, read 5 is step 3."""
-
-    def __init__(self, inner, bad_read: int):
-        self.inner, self.bad_read, self.reads = inner, bad_read, 0
-
-    def get(self, index, generator=None):
-        self.reads += 1
-        sample = self.inner.get(index, generator)
-        if self.reads != self.bad_read:
-            return sample
-        return dataclasses.replace(sample, latents=torch.full_like(sample.latents, float("nan")))
-
-
 def test_the_nan_guard_stops_a_graphed_run_before_the_update(shapes_dataset):
     good, _ = _run("sd15", shapes_dataset, _recipe(cuda_graph=True, steps=2))
     with pytest.raises(TrainingStopped) as stopped:
-        _run("sd15", shapes_dataset, _recipe(cuda_graph=True), lambda inner: _PoisonedLatents(inner, 5))
+        # batch 1 and accumulation 2: read 5 is the first batch of step 3
+        _run("sd15", shapes_dataset, _recipe(cuda_graph=True), lambda inner: PoisonedLatents(inner, 5))
     assert isinstance(stopped.value.__cause__, NonFiniteError)
     assert stopped.value.partial.steps == 2
     assert torch.equal(_weights(stopped.value.partial), _weights(good))

@@ -11,6 +11,7 @@ import dataclasses
 
 import pytest
 import torch
+from faults import PoisonedLatents
 from safetensors.torch import load_file
 
 from lora_train_core.buckets import BucketConfig, plan_buckets
@@ -25,21 +26,7 @@ from lora_train_core.tiny_models import tiny_backend
 from lora_train_core.train import NonFiniteError, TrainConfig, TrainingRecipe, TrainingStopped, train
 
 BUCKETS = BucketConfig(resolution=(128, 128), min_bucket_reso=64, max_bucket_reso=256)
-BAD_STEP = 3
-
-
-class _PoisonedLatents:
-    """Cached latents whose `bad_read`-th read is all NaN; with batch size 1, read n is step n."""
-
-    def __init__(self, inner, bad_read: int):
-        self.inner, self.bad_read, self.reads = inner, bad_read, 0
-
-    def get(self, index, generator=None):
-        self.reads += 1
-        sample = self.inner.get(index, generator)
-        if self.reads != self.bad_read:
-            return sample
-        return dataclasses.replace(sample, latents=torch.full_like(sample.latents, float("nan")))
+BAD_STEP = 3  # with batch size 1, a PoisonedLatents' read n is step n
 
 
 class _NaNGradient(torch.autograd.Function):
@@ -95,7 +82,7 @@ def _assert_same(got, want):
 def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_weights(shapes_dataset):
     backend, dataset, plan, latents = _setup(shapes_dataset)
     with pytest.raises(TrainingStopped) as stopped:
-        train(backend, dataset, plan, _PoisonedLatents(latents, BAD_STEP), _recipe())
+        train(backend, dataset, plan, PoisonedLatents(latents, BAD_STEP), _recipe())
     error = stopped.value.__cause__
     assert isinstance(error, NonFiniteError) and error.step == BAD_STEP
     assert "the loss of step 3 is nan" in str(stopped.value)
@@ -122,7 +109,7 @@ def test_nan_gradient_stops_before_the_update(shapes_dataset, max_grad_norm):
 def test_fp16_grad_scaler_skips_a_nan_step_and_counts_it(shapes_dataset):
     backend, dataset, plan, latents = _setup(shapes_dataset)
     trained = train(
-        backend, dataset, plan, _PoisonedLatents(latents, BAD_STEP), _recipe(mixed_precision="fp16")
+        backend, dataset, plan, PoisonedLatents(latents, BAD_STEP), _recipe(mixed_precision="fp16")
     )
     assert trained.completed and trained.skipped_steps >= 1
     assert all(torch.isfinite(v).all() for v in trained.kohya_state_dict().values())
@@ -136,7 +123,7 @@ def test_run_saves_the_last_good_weights_and_a_state_when_the_loss_turns_nan(
 
     real_build = run_module.build_latents
     monkeypatch.setattr(
-        run_module, "build_latents", lambda *a, **k: _PoisonedLatents(real_build(*a, **k), BAD_STEP)
+        run_module, "build_latents", lambda *a, **k: PoisonedLatents(real_build(*a, **k), BAD_STEP)
     )
     cfg = RunConfig(
         model=None,
