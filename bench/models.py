@@ -16,8 +16,8 @@ import torch
 from diffusers import UNet2DConditionModel
 from torch import Tensor
 
-from lora_train_core.published_configs import SD15_UNET, SDXL_UNET
-from lora_train_core.tiny_models import tiny_unet
+from lora_train_core.model.published_configs import SD15_UNET, SDXL_UNET
+from lora_train_core.model.tiny_models import tiny_unet
 
 TEXT_TOKENS = 77
 

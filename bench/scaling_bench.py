@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from lora_train_core.distributed import DataParallel
+from lora_train_core.run.distributed import DataParallel
 
 from .models import CASES
 from .step_bench import VARIANTS, machine_info, run_variant

@@ -33,9 +33,9 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from lora_train_core.cuda_graphs import CAPTURE_WARMUP
-from lora_train_core.distributed import SINGLE_PROCESS, DataParallel
-from lora_train_core.speed import compile_blocks
+from lora_train_core.run.cuda_graphs import CAPTURE_WARMUP
+from lora_train_core.run.distributed import SINGLE_PROCESS, DataParallel
+from lora_train_core.run.speed import compile_blocks
 
 from .models import CASES, build_unet, make_inputs
 from .profile import memory_phases, profile_steps

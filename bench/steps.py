@@ -25,16 +25,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lora_train_core.backends.diffusers_backend import kohya_alphas_cumprod
-from lora_train_core.cuda_graphs import GraphedBackward
-from lora_train_core.distributed import SINGLE_PROCESS, DataParallel
-from lora_train_core.kohya_keys import unet_targets
-from lora_train_core.loss import LossConfig, training_loss
-from lora_train_core.network import LoRAModule, LoRANetwork, NetworkConfig
-from lora_train_core.noise import NoiseConfig, add_noise, sample_noise, sample_timesteps
-from lora_train_core.optim import OptimizerConfig, build_optimizer
-from lora_train_core.param_groups import build_param_groups
-from lora_train_core.speed import store_in_fp8
+from lora_train_core.model.diffusers_backend import kohya_alphas_cumprod
+from lora_train_core.model.kohya_keys import unet_targets
+from lora_train_core.model.network import LoRAModule, LoRANetwork, NetworkConfig
+from lora_train_core.objective.loss import LossConfig, training_loss
+from lora_train_core.objective.noise import NoiseConfig, add_noise, sample_noise, sample_timesteps
+from lora_train_core.optim.optimizers import OptimizerConfig, build_optimizer
+from lora_train_core.optim.param_groups import build_param_groups
+from lora_train_core.run.cuda_graphs import GraphedBackward
+from lora_train_core.run.distributed import SINGLE_PROCESS, DataParallel
+from lora_train_core.run.speed import store_in_fp8
 
 from .models import Case, StepInputs, build_unet
 

@@ -99,12 +99,12 @@ def _train(args) -> int:
         raise LoraTrainError("train: give a config file, e.g. `python -m lora_train_core train run.toml`")
     import torch
 
-    from .backends.diffusers_backend import load_diffusers_backend
-    from .dataset import load_dataset
-    from .progress import ProgressBar
-    from .run import run_training
-    from .state_files import load_training_state
-    from .train import MIXED_PRECISION, TrainingStopped
+    from .data.dataset import load_dataset
+    from .model.diffusers_backend import load_diffusers_backend
+    from .run.orchestrator import run_training
+    from .run.progress import ProgressBar
+    from .run.state_files import load_training_state
+    from .run.train import MIXED_PRECISION, TrainingStopped
 
     cfg = load_run_config(args.config)
     # Everything that can be wrong with the input is checked before the (slow) model load.
@@ -179,7 +179,7 @@ def _demo(args) -> int:
 
 
 def _merge(args) -> int:
-    from .merge import merge_into_model_folder, merge_lora_files, parse_lora_spec
+    from .outputs.merge import merge_into_model_folder, merge_lora_files, parse_lora_spec
 
     specs = [parse_lora_spec(spec) for spec in args.loras]
     if args.into_model is None:

@@ -16,23 +16,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .backends.diffusers_backend import ModelConfig
-from .buckets import BucketConfig
-from .captions import CaptionConfig, merged
-from .dataset import DatasetConfig
-from .ema import EMAConfig
+from .data.buckets import BucketConfig
+from .data.captions import CaptionConfig, merged
+from .data.dataset import DatasetConfig
+from .data.latent_cache import CacheConfig
 from .errors import ConfigError, check_choice, check_int
-from .export import SAVE_DTYPES
-from .latent_cache import CacheConfig
-from .loss import LossConfig
-from .network import NetworkConfig
-from .noise import NoiseConfig
-from .optim import OptimizerConfig
-from .param_groups import BlockWeights
-from .sampling import SampleConfig
-from .speed import SpeedConfig
-from .stages import StageConfig
-from .train import TrainConfig, TrainingRecipe
+from .model.diffusers_backend import ModelConfig
+from .model.network import NetworkConfig
+from .objective.loss import LossConfig
+from .objective.noise import NoiseConfig
+from .optim.ema import EMAConfig
+from .optim.optimizers import OptimizerConfig
+from .optim.param_groups import BlockWeights
+from .outputs.export import SAVE_DTYPES
+from .outputs.sampling import SampleConfig
+from .run.speed import SpeedConfig
+from .run.stages import StageConfig
+from .run.train import TrainConfig, TrainingRecipe
 
 if sys.version_info >= (3, 11):
     import tomllib

@@ -11,16 +11,16 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from .buckets import BucketConfig
 from .config import OutputConfig, RunConfig, recipe_path, with_overrides
-from .dataset import DatasetConfig
-from .latent_cache import CacheConfig
-from .network import NetworkConfig
-from .optim import OptimizerConfig
-from .progress import ProgressBar
-from .run import run_training
-from .tiny_models import tiny_backend
-from .train import TrainConfig, TrainingRecipe
+from .data.buckets import BucketConfig
+from .data.dataset import DatasetConfig
+from .data.latent_cache import CacheConfig
+from .model.network import NetworkConfig
+from .model.tiny_models import tiny_backend
+from .optim.optimizers import OptimizerConfig
+from .run.orchestrator import run_training
+from .run.progress import ProgressBar
+from .run.train import TrainConfig, TrainingRecipe
 
 COLORS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220), "yellow": (230, 210, 40)}
 SIZES = [(128, 128), (160, 128), (128, 160), (192, 96), (96, 192), (256, 64)]

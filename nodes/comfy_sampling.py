@@ -13,8 +13,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..lora_train_core.sample_prompts import SamplePrompt, parse_prompt_line
-from ..lora_train_core.sampling import image_grid
+from ..lora_train_core.outputs.sample_prompts import SamplePrompt, parse_prompt_line
+from ..lora_train_core.outputs.sampling import image_grid
 
 # kohya's --ss names → ComfyUI sampler names
 COMFY_SAMPLERS = {

@@ -19,13 +19,14 @@ import comfy.sd
 import comfy.utils
 import torch
 
-from ..lora_train_core.buckets import plan_buckets
+from ..lora_train_core.data.buckets import plan_buckets
+from ..lora_train_core.data.latent_cache import CacheConfig, CachedLatents, LatentSample, build_latents
+from ..lora_train_core.data.text_cache import maybe_cache_text
 from ..lora_train_core.errors import ConfigError
-from ..lora_train_core.export import next_free_path, save_dtype, save_lora
-from ..lora_train_core.latent_cache import CacheConfig, CachedLatents, LatentSample, build_latents
-from ..lora_train_core.loss_plot import render_loss_plot
-from ..lora_train_core.metadata import run_metadata
-from ..lora_train_core.stages import (
+from ..lora_train_core.outputs.export import next_free_path, save_dtype, save_lora
+from ..lora_train_core.outputs.loss_plot import render_loss_plot
+from ..lora_train_core.outputs.metadata import run_metadata
+from ..lora_train_core.run.stages import (
     StageConfig,
     StepOffset,
     check_stages,
@@ -34,9 +35,8 @@ from ..lora_train_core.stages import (
     stage_record,
     stages_metadata,
 )
-from ..lora_train_core.state_files import StateWriter, load_training_state
-from ..lora_train_core.text_cache import maybe_cache_text
-from ..lora_train_core.train import (
+from ..lora_train_core.run.state_files import StateWriter, load_training_state
+from ..lora_train_core.run.train import (
     StepReport,
     TrainedLora,
     TrainingRecipe,

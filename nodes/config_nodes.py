@@ -11,13 +11,13 @@ import re
 
 from comfy_api.v0_0_2 import io
 
-from ..lora_train_core.ema import EMAConfig
 from ..lora_train_core.errors import ConfigError
-from ..lora_train_core.loss import LossConfig
-from ..lora_train_core.network import NetworkConfig
-from ..lora_train_core.noise import NoiseConfig
-from ..lora_train_core.optim import LR_SCHEDULERS, OPTIMIZERS, OptimizerConfig
-from ..lora_train_core.param_groups import BlockWeights
+from ..lora_train_core.model.network import NetworkConfig
+from ..lora_train_core.objective.loss import LossConfig
+from ..lora_train_core.objective.noise import NoiseConfig
+from ..lora_train_core.optim.ema import EMAConfig
+from ..lora_train_core.optim.optimizers import LR_SCHEDULERS, OPTIMIZERS, OptimizerConfig
+from ..lora_train_core.optim.param_groups import BlockWeights
 from .values import CATEGORY, LoraNetwork, LoraNoise, LoraOptimizer, NoiseValue, OptimizerValue
 
 SCHEDULERS = list(LR_SCHEDULERS)

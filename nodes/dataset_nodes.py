@@ -7,10 +7,10 @@ from pathlib import Path
 import folder_paths
 from comfy_api.v0_0_2 import io
 
-from ..lora_train_core.buckets import BucketConfig, bucket_report, check_steps_for_family, plan_buckets
-from ..lora_train_core.captions import CaptionConfig
-from ..lora_train_core.dataset import DatasetConfig, load_dataset
-from ..lora_train_core.latent_cache import CacheConfig, build_latents
+from ..lora_train_core.data.buckets import BucketConfig, bucket_report, check_steps_for_family, plan_buckets
+from ..lora_train_core.data.captions import CaptionConfig
+from ..lora_train_core.data.dataset import DatasetConfig, load_dataset
+from ..lora_train_core.data.latent_cache import CacheConfig, build_latents
 from .comfy_backend import ComfyBackend
 from .paths import dataset_folders, resolve_dataset_folder
 from .values import CATEGORY, BucketsValue, DatasetValue, LatentsValue, LoraBuckets, LoraDataset, LoraLatents

@@ -10,7 +10,7 @@ import folder_paths
 from comfy_api.v0_0_2 import io
 
 from ..lora_train_core.errors import ConfigError
-from ..lora_train_core.merge import merge_lora_files
+from ..lora_train_core.outputs.merge import merge_lora_files
 from .train_nodes import PRECISIONS, free_save_path
 from .values import CATEGORY
 

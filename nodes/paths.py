@@ -12,8 +12,8 @@ import os
 import re
 from pathlib import Path
 
+from ..lora_train_core.data.images import IMAGE_EXTENSIONS
 from ..lora_train_core.errors import ConfigError
-from ..lora_train_core.images import IMAGE_EXTENSIONS
 
 ALLOW_ANY_DATASET_PATH_ENV = "LORA_TRAINER_ALLOW_ANY_DATASET_PATH"
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _.\-]{0,127}$")

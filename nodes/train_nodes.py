@@ -9,17 +9,17 @@ import numpy as np
 import torch
 from comfy_api.v0_0_2 import io, ui
 
-from ..lora_train_core.ema import EMAConfig
 from ..lora_train_core.errors import ConfigError
-from ..lora_train_core.export import SAVE_DTYPES, next_free_path, save_dtype, save_lora
-from ..lora_train_core.loss import LossConfig
-from ..lora_train_core.loss_plot import render_loss_plot
-from ..lora_train_core.network import NetworkConfig
-from ..lora_train_core.noise import NoiseConfig
-from ..lora_train_core.optim import OptimizerConfig
-from ..lora_train_core.stages import StageConfig
-from ..lora_train_core.state_files import RECORD_FILE, state_folders
-from ..lora_train_core.train import TrainConfig, TrainingRecipe
+from ..lora_train_core.model.network import NetworkConfig
+from ..lora_train_core.objective.loss import LossConfig
+from ..lora_train_core.objective.noise import NoiseConfig
+from ..lora_train_core.optim.ema import EMAConfig
+from ..lora_train_core.optim.optimizers import OptimizerConfig
+from ..lora_train_core.outputs.export import SAVE_DTYPES, next_free_path, save_dtype, save_lora
+from ..lora_train_core.outputs.loss_plot import render_loss_plot
+from ..lora_train_core.run.stages import StageConfig
+from ..lora_train_core.run.state_files import RECORD_FILE, state_folders
+from ..lora_train_core.run.train import TrainConfig, TrainingRecipe
 from .comfy_sampling import ComfySampleCallback, parse_prompts
 from .comfy_training import train_lora_in_comfy
 from .paths import lora_save_path, state_folder

@@ -11,16 +11,16 @@ from pathlib import Path
 
 from comfy_api.v0_0_2 import io
 
-from ..lora_train_core.buckets import BucketPlan
-from ..lora_train_core.captions import CaptionConfig
-from ..lora_train_core.dataset import Dataset
-from ..lora_train_core.ema import EMAConfig
-from ..lora_train_core.latent_cache import CachedLatents, OnTheFlyLatents
-from ..lora_train_core.loss import LossConfig
-from ..lora_train_core.noise import NoiseConfig
-from ..lora_train_core.optim import OptimizerConfig
-from ..lora_train_core.param_groups import BlockWeights
-from ..lora_train_core.train import TrainedLora
+from ..lora_train_core.data.buckets import BucketPlan
+from ..lora_train_core.data.captions import CaptionConfig
+from ..lora_train_core.data.dataset import Dataset
+from ..lora_train_core.data.latent_cache import CachedLatents, OnTheFlyLatents
+from ..lora_train_core.objective.loss import LossConfig
+from ..lora_train_core.objective.noise import NoiseConfig
+from ..lora_train_core.optim.ema import EMAConfig
+from ..lora_train_core.optim.optimizers import OptimizerConfig
+from ..lora_train_core.optim.param_groups import BlockWeights
+from ..lora_train_core.run.train import TrainedLora
 
 LoraDataset = io.Custom("LORA_DATASET")
 LoraBuckets = io.Custom("LORA_BUCKETS")

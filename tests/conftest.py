@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lora_train_core.demo import make_synthetic_dataset
-from lora_train_core.tiny_models import tiny_backend
+from lora_train_core.model.tiny_models import tiny_backend
 
 
 @pytest.fixture(autouse=True)

@@ -27,13 +27,13 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from lora_train_core.buckets import BucketConfig, load_bucketed_pixels, plan_buckets
 from lora_train_core.cli import main
-from lora_train_core.dataset import DatasetConfig, load_dataset
+from lora_train_core.data.buckets import BucketConfig, load_bucketed_pixels, plan_buckets
+from lora_train_core.data.dataset import DatasetConfig, load_dataset
 from lora_train_core.demo import make_synthetic_dataset
 from lora_train_core.errors import LoraTrainError
-from lora_train_core.state_files import latest_state
-from lora_train_core.tiny_models import save_tiny_model, tiny_backend
+from lora_train_core.model.tiny_models import save_tiny_model, tiny_backend
+from lora_train_core.run.state_files import latest_state
 
 ROOT = Path(__file__).resolve().parents[1]
 BUCKETS = BucketConfig(resolution=(128, 128), min_bucket_reso=64, max_bucket_reso=256)

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from lora_train_core.buckets import (
+from lora_train_core.data.buckets import (
     BucketAssignment,
     BucketConfig,
     assign_bucket,
@@ -23,7 +23,7 @@ from lora_train_core.buckets import (
     make_bucket_resolutions,
     plan_buckets,
 )
-from lora_train_core.dataset import ImageRecord
+from lora_train_core.data.dataset import ImageRecord
 from lora_train_core.errors import ConfigError, DatasetError
 
 

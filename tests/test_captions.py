@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from lora_train_core.captions import (
+from lora_train_core.data.captions import (
     CaptionConfig,
     merged,
     parse_weighted_caption,

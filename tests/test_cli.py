@@ -10,8 +10,8 @@ from safetensors.torch import load_file
 
 from lora_train_core.cli import main
 from lora_train_core.demo import make_synthetic_dataset
-from lora_train_core.export import read_metadata
-from lora_train_core.tiny_models import save_tiny_model
+from lora_train_core.model.tiny_models import save_tiny_model
+from lora_train_core.outputs.export import read_metadata
 
 
 @pytest.fixture(scope="module")

@@ -16,15 +16,15 @@ import pytest
 import torch
 from faults import PoisonedLatents
 
-from lora_train_core import cuda_graphs
-from lora_train_core.buckets import BucketConfig, plan_buckets
-from lora_train_core.dataset import DatasetConfig, load_dataset
-from lora_train_core.latent_cache import CacheConfig, build_latents
-from lora_train_core.network import NetworkConfig
-from lora_train_core.optim import OptimizerConfig
-from lora_train_core.speed import SpeedConfig
-from lora_train_core.tiny_models import tiny_backend
-from lora_train_core.train import NonFiniteError, TrainConfig, TrainingRecipe, TrainingStopped, train
+from lora_train_core.data.buckets import BucketConfig, plan_buckets
+from lora_train_core.data.dataset import DatasetConfig, load_dataset
+from lora_train_core.data.latent_cache import CacheConfig, build_latents
+from lora_train_core.model.network import NetworkConfig
+from lora_train_core.model.tiny_models import tiny_backend
+from lora_train_core.optim.optimizers import OptimizerConfig
+from lora_train_core.run import cuda_graphs
+from lora_train_core.run.speed import SpeedConfig
+from lora_train_core.run.train import NonFiniteError, TrainConfig, TrainingRecipe, TrainingStopped, train
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
 

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lora_train_core import images
-from lora_train_core.dataset import DatasetConfig, load_dataset
+from lora_train_core.data import images
+from lora_train_core.data.dataset import DatasetConfig, load_dataset
+from lora_train_core.data.images import image_size, load_rgb
 from lora_train_core.errors import ConfigError, DatasetError
-from lora_train_core.images import image_size, load_rgb
 
 
 def rgb_at(image, x, y):

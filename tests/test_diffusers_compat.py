@@ -11,14 +11,14 @@ from diffusers.utils import logging as diffusers_logging
 from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file
 
-from lora_train_core.buckets import BucketConfig, plan_buckets
-from lora_train_core.dataset import DatasetConfig, load_dataset
-from lora_train_core.export import save_lora
-from lora_train_core.latent_cache import CacheConfig, build_latents
-from lora_train_core.network import NetworkConfig
-from lora_train_core.optim import OptimizerConfig
-from lora_train_core.tiny_models import tiny_backend, tiny_components
-from lora_train_core.train import TrainConfig, TrainingRecipe, train
+from lora_train_core.data.buckets import BucketConfig, plan_buckets
+from lora_train_core.data.dataset import DatasetConfig, load_dataset
+from lora_train_core.data.latent_cache import CacheConfig, build_latents
+from lora_train_core.model.network import NetworkConfig
+from lora_train_core.model.tiny_models import tiny_backend, tiny_components
+from lora_train_core.optim.optimizers import OptimizerConfig
+from lora_train_core.outputs.export import save_lora
+from lora_train_core.run.train import TrainConfig, TrainingRecipe, train
 
 
 def _trained_lora_file(family, dataset_dir, tmp_path):

@@ -11,14 +11,14 @@ import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
-from lora_train_core.buckets import BucketConfig, plan_buckets
-from lora_train_core.dataset import DatasetConfig, load_dataset
-from lora_train_core.distributed import DataParallel
-from lora_train_core.latent_cache import CacheConfig, build_latents
-from lora_train_core.network import NetworkConfig
-from lora_train_core.optim import OptimizerConfig
-from lora_train_core.tiny_models import tiny_backend
-from lora_train_core.train import TrainConfig, TrainingRecipe, train
+from lora_train_core.data.buckets import BucketConfig, plan_buckets
+from lora_train_core.data.dataset import DatasetConfig, load_dataset
+from lora_train_core.data.latent_cache import CacheConfig, build_latents
+from lora_train_core.model.network import NetworkConfig
+from lora_train_core.model.tiny_models import tiny_backend
+from lora_train_core.optim.optimizers import OptimizerConfig
+from lora_train_core.run.distributed import DataParallel
+from lora_train_core.run.train import TrainConfig, TrainingRecipe, train
 
 GLOBAL_BATCH, STEPS, LR = 4, 3, 1e-3
 # Both runs compute the same math in a different float order (batch-2 vs batch-4 kernels, gradients
@@ -88,7 +88,7 @@ def test_learning_rates_scale_with_processes_only_when_asked(tmp_path):
     import dataclasses
 
     from lora_train_core.demo import demo_config
-    from lora_train_core.run import _with_lr_rule
+    from lora_train_core.run.orchestrator import _with_lr_rule
 
     cfg = demo_config("sd15", tmp_path, steps=1)
     opt = dataclasses.replace(cfg.recipe.optimizer, learning_rate=1e-4, unet_lr=2e-4, text_encoder_lr=(5e-5,))

@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from lora_train_core.ema import EMAConfig, LoraEMA
 from lora_train_core.errors import ConfigError
+from lora_train_core.optim.ema import EMAConfig, LoraEMA
 
 NAME = "lora_unet_mid_block_attentions_0_proj_in.lora_up.weight"
 

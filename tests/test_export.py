@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from lora_train_core.errors import ConfigError
-from lora_train_core.export import next_free_path, read_metadata, save_lora
+from lora_train_core.outputs.export import next_free_path, read_metadata, save_lora
 
 
 def _tensors():
@@ -69,9 +69,9 @@ def test_saved_files_get_the_usual_permissions_not_mkstemps_private_ones(tmp_pat
 def test_bucket_info_records_counts_and_the_mean_aspect_error(tmp_path):
     from PIL import Image
 
-    from lora_train_core.buckets import BucketConfig, plan_buckets
-    from lora_train_core.dataset import DatasetConfig, load_dataset
-    from lora_train_core.metadata import bucket_info
+    from lora_train_core.data.buckets import BucketConfig, plan_buckets
+    from lora_train_core.data.dataset import DatasetConfig, load_dataset
+    from lora_train_core.outputs.metadata import bucket_info
 
     (tmp_path / "2_x").mkdir()
     Image.new("RGB", (128, 128)).save(tmp_path / "2_x" / "square.png")

@@ -28,14 +28,14 @@ from safetensors import safe_open
 from tqdm import tqdm
 
 from lora_train_core.demo import make_synthetic_dataset
-from lora_train_core.export import read_metadata
-from lora_train_core.state_files import latest_state, load_training_state, state_folders
-from lora_train_core.tiny_models import save_tiny_model
+from lora_train_core.model.tiny_models import save_tiny_model
+from lora_train_core.outputs.export import read_metadata
+from lora_train_core.run.state_files import latest_state, load_training_state, state_folders
 
 pytestmark = pytest.mark.slow  # ~40 s: a forkserver start-up and 20 short training runs
 
 KILLS = 20
-PRELOAD = ["torch", "diffusers", "transformers", "lora_train_core.cli", "lora_train_core.run"]
+PRELOAD = ["torch", "diffusers", "transformers", "lora_train_core.cli", "lora_train_core.run.orchestrator"]
 
 
 def _child(argv: list[str], log_path: str) -> None:

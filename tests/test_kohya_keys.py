@@ -11,7 +11,7 @@ from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from lora_train_core.errors import ConfigError
-from lora_train_core.kohya_keys import (
+from lora_train_core.model.kohya_keys import (
     SD15_LAYOUT,
     SDXL_LAYOUT,
     UNetLayout,
@@ -21,7 +21,7 @@ from lora_train_core.kohya_keys import (
     text_encoder_targets,
     unet_targets,
 )
-from lora_train_core.published_configs import CLIP_BIGG, CLIP_L, SD15_UNET, SDXL_UNET
+from lora_train_core.model.published_configs import CLIP_BIGG, CLIP_L, SD15_UNET, SDXL_UNET
 
 
 @pytest.fixture(scope="module")

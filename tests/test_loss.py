@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler
 
 from lora_train_core.errors import ConfigError
-from lora_train_core.loss import (
+from lora_train_core.objective.loss import (
     LossConfig,
     check_loss_for_prediction_type,
     elementwise_loss,

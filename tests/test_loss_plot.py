@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from lora_train_core.loss_plot import HEIGHT, WIDTH, render_loss_plot, smoothed
+from lora_train_core.outputs.loss_plot import HEIGHT, WIDTH, render_loss_plot, smoothed
 
 
 def test_smoothing_is_a_bias_corrected_moving_average():

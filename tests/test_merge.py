@@ -8,13 +8,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lora_train_core.backends.diffusers_backend import ModelConfig, load_diffusers_backend
 from lora_train_core.cli import main
 from lora_train_core.errors import ConfigError
-from lora_train_core.export import read_metadata, save_lora
-from lora_train_core.merge import delta_weights, merge_into_backend, merge_loras, parse_lora_spec
-from lora_train_core.network import LoRANetwork, NetworkConfig
-from lora_train_core.tiny_models import save_tiny_model, tiny_backend
+from lora_train_core.model.diffusers_backend import ModelConfig, load_diffusers_backend
+from lora_train_core.model.network import LoRANetwork, NetworkConfig
+from lora_train_core.model.tiny_models import save_tiny_model, tiny_backend
+from lora_train_core.outputs.export import read_metadata, save_lora
+from lora_train_core.outputs.merge import delta_weights, merge_into_backend, merge_loras, parse_lora_spec
 
 LINEAR, CONV, ONLY_B = "lora_unet_down_blocks_0_attn_to_q", "lora_unet_down_blocks_0_conv1", "lora_te_fc1"
 

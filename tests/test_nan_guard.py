@@ -14,16 +14,16 @@ import torch
 from faults import PoisonedLatents
 from safetensors.torch import load_file
 
-from lora_train_core.buckets import BucketConfig, plan_buckets
 from lora_train_core.config import OutputConfig, RunConfig
-from lora_train_core.dataset import DatasetConfig, load_dataset
-from lora_train_core.latent_cache import CacheConfig, build_latents
-from lora_train_core.network import NetworkConfig
-from lora_train_core.optim import OptimizerConfig
-from lora_train_core.run import run_training
-from lora_train_core.state_files import load_training_state
-from lora_train_core.tiny_models import tiny_backend
-from lora_train_core.train import NonFiniteError, TrainConfig, TrainingRecipe, TrainingStopped, train
+from lora_train_core.data.buckets import BucketConfig, plan_buckets
+from lora_train_core.data.dataset import DatasetConfig, load_dataset
+from lora_train_core.data.latent_cache import CacheConfig, build_latents
+from lora_train_core.model.network import NetworkConfig
+from lora_train_core.model.tiny_models import tiny_backend
+from lora_train_core.optim.optimizers import OptimizerConfig
+from lora_train_core.run.orchestrator import run_training
+from lora_train_core.run.state_files import load_training_state
+from lora_train_core.run.train import NonFiniteError, TrainConfig, TrainingRecipe, TrainingStopped, train
 
 BUCKETS = BucketConfig(resolution=(128, 128), min_bucket_reso=64, max_bucket_reso=256)
 BAD_STEP = 3  # with batch size 1, a PoisonedLatents' read n is step n
@@ -119,7 +119,7 @@ def test_run_saves_the_last_good_weights_and_a_state_when_the_loss_turns_nan(
     shapes_dataset, tmp_path, monkeypatch
 ):
     """run_training: the partial LoRA file holds step 2's weights (fp16) and the state resumes at step 2."""
-    import lora_train_core.run as run_module
+    import lora_train_core.run.orchestrator as run_module
 
     real_build = run_module.build_latents
     monkeypatch.setattr(

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lora_train_core.errors import ConfigError
-from lora_train_core.kohya_keys import LoraTarget, unet_targets
-from lora_train_core.network import LoRAModule, LoRANetwork, NetworkConfig
+from lora_train_core.model.kohya_keys import LoraTarget, unet_targets
+from lora_train_core.model.network import LoRAModule, LoRANetwork, NetworkConfig
 
 
 def seeded_linear(seed: int = 0, in_features: int = 8, out_features: int = 6) -> nn.Linear:

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler
 
 from lora_train_core.errors import ConfigError
-from lora_train_core.noise import (
+from lora_train_core.objective.noise import (
     NoiseConfig,
     add_noise,
     perturbed_noise,

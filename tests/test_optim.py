@@ -13,7 +13,12 @@ import torch
 from torch import nn
 
 from lora_train_core.errors import ConfigError
-from lora_train_core.optim import OptimizerConfig, build_optimizer, optimizer_class, parse_optimizer_args
+from lora_train_core.optim.optimizers import (
+    OptimizerConfig,
+    build_optimizer,
+    optimizer_class,
+    parse_optimizer_args,
+)
 
 CPU = torch.device("cpu")
 HAS_CUDA = torch.cuda.is_available()

@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from lora_train_core.errors import ConfigError
-from lora_train_core.optim import OptimizerConfig, build_optimizer
-from lora_train_core.param_groups import (
+from lora_train_core.optim.optimizers import OptimizerConfig, build_optimizer
+from lora_train_core.optim.param_groups import (
     BlockWeights,
     block_index,
     build_param_groups,

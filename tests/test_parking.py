@@ -10,9 +10,9 @@ import torch
 from torch import nn
 
 from lora_train_core.config import run_config_from_dict
-from lora_train_core.parking import Parking
-from lora_train_core.run import run_training
-from lora_train_core.tiny_models import tiny_backend
+from lora_train_core.model.tiny_models import tiny_backend
+from lora_train_core.run.orchestrator import run_training
+from lora_train_core.run.parking import Parking
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="parking frees GPU memory: needs a GPU")
 CUDA = torch.device("cuda")

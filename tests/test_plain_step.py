@@ -10,13 +10,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from lora_train_core.buckets import BucketConfig, epoch_batches, plan_buckets
-from lora_train_core.dataset import DatasetConfig, load_dataset
-from lora_train_core.latent_cache import CacheConfig, build_latents
-from lora_train_core.network import LoRANetwork, NetworkConfig
-from lora_train_core.optim import OptimizerConfig
-from lora_train_core.tiny_models import tiny_backend
-from lora_train_core.train import TrainConfig, TrainingRecipe, train
+from lora_train_core.data.buckets import BucketConfig, epoch_batches, plan_buckets
+from lora_train_core.data.dataset import DatasetConfig, load_dataset
+from lora_train_core.data.latent_cache import CacheConfig, build_latents
+from lora_train_core.model.network import LoRANetwork, NetworkConfig
+from lora_train_core.model.tiny_models import tiny_backend
+from lora_train_core.optim.optimizers import OptimizerConfig
+from lora_train_core.run.train import TrainConfig, TrainingRecipe, train
 
 SEED, BATCH, LR = 11, 2, 1e-3
 NET = NetworkConfig(network_dim=4, network_alpha=4.0)

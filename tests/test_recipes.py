@@ -10,7 +10,7 @@ from lora_train_core.cli import main
 from lora_train_core.config import recipe_path, with_overrides
 from lora_train_core.demo import demo_config
 from lora_train_core.errors import ConfigError
-from lora_train_core.export import read_metadata
+from lora_train_core.outputs.export import read_metadata
 
 
 def test_balanced_recipe_sets_min_snr_offset_and_multires(tmp_path):

@@ -6,8 +6,8 @@ from collections import Counter
 
 import pytest
 
+from lora_train_core.data.regularization import balance_regularization
 from lora_train_core.errors import ConfigError
-from lora_train_core.regularization import balance_regularization
 
 
 def test_single_repeat_reg_images_get_extra_repeats_in_turn_until_train_count():

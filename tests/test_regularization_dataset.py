@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from lora_train_core.buckets import BucketConfig, epoch_batches, plan_buckets
-from lora_train_core.dataset import DatasetConfig, load_dataset
+from lora_train_core.data.buckets import BucketConfig, epoch_batches, plan_buckets
+from lora_train_core.data.dataset import DatasetConfig, load_dataset
 from lora_train_core.errors import ConfigError, DatasetError
-from lora_train_core.metadata import training_metadata
-from lora_train_core.train import TrainConfig, TrainingRecipe
+from lora_train_core.outputs.metadata import training_metadata
+from lora_train_core.run.train import TrainConfig, TrainingRecipe
 
 BUCKETS = BucketConfig(resolution=(128, 128), min_bucket_reso=64, max_bucket_reso=256, bucket_reso_steps=64)
 SIZES = [(128, 128), (192, 128), (128, 192)]

@@ -20,25 +20,25 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from lora_train_core.buckets import BucketConfig, plan_buckets
-from lora_train_core.captions import CaptionConfig
-from lora_train_core.dataset import DatasetConfig, load_dataset
+from lora_train_core.data.buckets import BucketConfig, plan_buckets
+from lora_train_core.data.captions import CaptionConfig
+from lora_train_core.data.dataset import DatasetConfig, load_dataset
+from lora_train_core.data.latent_cache import CacheConfig, build_latents
 from lora_train_core.demo import make_synthetic_dataset
-from lora_train_core.ema import EMAConfig
 from lora_train_core.errors import ConfigError
-from lora_train_core.latent_cache import CacheConfig, build_latents
-from lora_train_core.network import NetworkConfig
-from lora_train_core.noise import NoiseConfig
-from lora_train_core.optim import OptimizerConfig
-from lora_train_core.state_files import (
+from lora_train_core.model.network import NetworkConfig
+from lora_train_core.model.tiny_models import tiny_backend
+from lora_train_core.objective.noise import NoiseConfig
+from lora_train_core.optim.ema import EMAConfig
+from lora_train_core.optim.optimizers import OptimizerConfig
+from lora_train_core.run.state_files import (
     RECORD_FILE,
     StateWriter,
     latest_state,
     load_training_state,
     save_training_state,
 )
-from lora_train_core.tiny_models import tiny_backend
-from lora_train_core.train import TrainConfig, TrainingRecipe, TrainingStopped, train
+from lora_train_core.run.train import TrainConfig, TrainingRecipe, TrainingStopped, train
 
 BUCKETS = BucketConfig(resolution=(128, 128), min_bucket_reso=64, max_bucket_reso=256)
 TOTAL = 6

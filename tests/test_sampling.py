@@ -7,16 +7,16 @@ import pytest
 import torch
 from PIL import Image
 
-from lora_train_core.buckets import BucketConfig, plan_buckets
-from lora_train_core.dataset import DatasetConfig, load_dataset
+from lora_train_core.data.buckets import BucketConfig, plan_buckets
+from lora_train_core.data.dataset import DatasetConfig, load_dataset
+from lora_train_core.data.latent_cache import CacheConfig, build_latents
 from lora_train_core.errors import ConfigError
-from lora_train_core.latent_cache import CacheConfig, build_latents
-from lora_train_core.network import NetworkConfig
-from lora_train_core.optim import OptimizerConfig
-from lora_train_core.sample_prompts import SamplePrompt, load_prompts, parse_prompt_line
-from lora_train_core.sampling import SampleConfig, SampleWriter, image_grid
-from lora_train_core.tiny_models import tiny_backend
-from lora_train_core.train import TrainConfig, TrainingRecipe, train
+from lora_train_core.model.network import NetworkConfig
+from lora_train_core.model.tiny_models import tiny_backend
+from lora_train_core.optim.optimizers import OptimizerConfig
+from lora_train_core.outputs.sample_prompts import SamplePrompt, load_prompts, parse_prompt_line
+from lora_train_core.outputs.sampling import SampleConfig, SampleWriter, image_grid
+from lora_train_core.run.train import TrainConfig, TrainingRecipe, train
 
 
 def test_prompt_line_options_follow_kohya():

@@ -9,9 +9,9 @@ import torch
 from torch import nn
 
 from lora_train_core.errors import ConfigError
-from lora_train_core.optim import OptimizerConfig, build_optimizer
-from lora_train_core.param_groups import BlockWeights, build_param_groups
-from lora_train_core.schedule import build_lr_scheduler, warmup_steps
+from lora_train_core.optim.optimizers import OptimizerConfig, build_optimizer
+from lora_train_core.optim.param_groups import BlockWeights, build_param_groups
+from lora_train_core.optim.schedule import build_lr_scheduler, warmup_steps
 
 CPU = torch.device("cpu")
 T, W = 20, 4

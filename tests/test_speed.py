@@ -16,16 +16,16 @@ import dataclasses
 import pytest
 import torch
 
-from lora_train_core.buckets import BucketConfig, plan_buckets
 from lora_train_core.config import run_config_from_dict
-from lora_train_core.dataset import DatasetConfig, load_dataset
+from lora_train_core.data.buckets import BucketConfig, plan_buckets
+from lora_train_core.data.dataset import DatasetConfig, load_dataset
+from lora_train_core.data.latent_cache import CacheConfig, build_latents
 from lora_train_core.errors import ConfigError
-from lora_train_core.latent_cache import CacheConfig, build_latents
-from lora_train_core.network import NetworkConfig
-from lora_train_core.optim import OptimizerConfig
-from lora_train_core.speed import FP8_STORAGE, SpeedConfig, check_speed
-from lora_train_core.tiny_models import tiny_backend
-from lora_train_core.train import TrainConfig, TrainingRecipe, train
+from lora_train_core.model.network import NetworkConfig
+from lora_train_core.model.tiny_models import tiny_backend
+from lora_train_core.optim.optimizers import OptimizerConfig
+from lora_train_core.run.speed import FP8_STORAGE, SpeedConfig, check_speed
+from lora_train_core.run.train import TrainConfig, TrainingRecipe, train
 
 LEARNING_RATE = 1e-3
 NETWORK = NetworkConfig(network_dim=4, network_alpha=4.0, train_text_encoder=False)

@@ -12,11 +12,11 @@ from safetensors.torch import load_file
 from lora_train_core.config import OutputConfig
 from lora_train_core.demo import demo_config
 from lora_train_core.errors import ConfigError
-from lora_train_core.export import read_metadata
-from lora_train_core.run import run_training
-from lora_train_core.sampling import SampleConfig
-from lora_train_core.stages import StageConfig
-from lora_train_core.tiny_models import tiny_backend
+from lora_train_core.model.tiny_models import tiny_backend
+from lora_train_core.outputs.export import read_metadata
+from lora_train_core.outputs.sampling import SampleConfig
+from lora_train_core.run.orchestrator import run_training
+from lora_train_core.run.stages import StageConfig
 
 
 def _cfg(tmp_path, shapes_dataset, **changes):

@@ -5,15 +5,15 @@ from __future__ import annotations
 import pytest
 from PIL import Image
 
-from lora_train_core.buckets import BucketConfig, plan_buckets
-from lora_train_core.captions import CaptionConfig
 from lora_train_core.config import run_config_from_dict
-from lora_train_core.dataset import DatasetConfig, load_dataset
+from lora_train_core.data.buckets import BucketConfig, plan_buckets
+from lora_train_core.data.captions import CaptionConfig
+from lora_train_core.data.dataset import DatasetConfig, load_dataset
+from lora_train_core.data.latent_cache import CacheConfig, build_latents
 from lora_train_core.errors import ConfigError
-from lora_train_core.latent_cache import CacheConfig, build_latents
-from lora_train_core.network import NetworkConfig
-from lora_train_core.tiny_models import tiny_backend
-from lora_train_core.train import TrainConfig, TrainingRecipe, train
+from lora_train_core.model.network import NetworkConfig
+from lora_train_core.model.tiny_models import tiny_backend
+from lora_train_core.run.train import TrainConfig, TrainingRecipe, train
 
 
 def _config(tmp_path, extra):

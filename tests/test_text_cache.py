@@ -9,18 +9,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from lora_train_core.buckets import BucketConfig, plan_buckets
-from lora_train_core.captions import CaptionConfig
-from lora_train_core.dataset import DatasetConfig, load_dataset
+from lora_train_core.data.buckets import BucketConfig, plan_buckets
+from lora_train_core.data.captions import CaptionConfig
+from lora_train_core.data.dataset import DatasetConfig, load_dataset
+from lora_train_core.data.latent_cache import CacheConfig, build_latents
+from lora_train_core.data.text_cache import CachedTextEncoder, maybe_cache_text
 from lora_train_core.demo import demo_config, make_synthetic_dataset
 from lora_train_core.errors import ConfigError
-from lora_train_core.latent_cache import CacheConfig, build_latents
-from lora_train_core.network import NetworkConfig
-from lora_train_core.optim import OptimizerConfig
-from lora_train_core.run import run_training
-from lora_train_core.text_cache import CachedTextEncoder, maybe_cache_text
-from lora_train_core.tiny_models import tiny_backend
-from lora_train_core.train import TrainConfig, TrainingRecipe, train
+from lora_train_core.model.network import NetworkConfig
+from lora_train_core.model.tiny_models import tiny_backend
+from lora_train_core.optim.optimizers import OptimizerConfig
+from lora_train_core.run.orchestrator import run_training
+from lora_train_core.run.train import TrainConfig, TrainingRecipe, train
 
 BUCKETS = BucketConfig(resolution=(128, 128), min_bucket_reso=64, max_bucket_reso=256, bucket_reso_steps=64)
 FROZEN_TE = TrainingRecipe(

@@ -7,13 +7,13 @@ import dataclasses
 import pytest
 import torch
 
-from lora_train_core.buckets import BucketConfig, plan_buckets
-from lora_train_core.dataset import DatasetConfig, load_dataset
-from lora_train_core.latent_cache import CacheConfig, build_latents
-from lora_train_core.network import NetworkConfig
-from lora_train_core.optim import OptimizerConfig
-from lora_train_core.tiny_models import tiny_backend
-from lora_train_core.train import TrainConfig, TrainingRecipe, train
+from lora_train_core.data.buckets import BucketConfig, plan_buckets
+from lora_train_core.data.dataset import DatasetConfig, load_dataset
+from lora_train_core.data.latent_cache import CacheConfig, build_latents
+from lora_train_core.model.network import NetworkConfig
+from lora_train_core.model.tiny_models import tiny_backend
+from lora_train_core.optim.optimizers import OptimizerConfig
+from lora_train_core.run.train import TrainConfig, TrainingRecipe, train
 
 BUCKETS = BucketConfig(resolution=(128, 128), min_bucket_reso=64, max_bucket_reso=256, bucket_reso_steps=64)
 
@@ -140,7 +140,7 @@ def test_stop_text_encoder_training_freezes_text_encoder_lora_after_n_steps(shap
 
 def test_block_dims_set_each_blocks_rank_and_dim_0_leaves_a_block_out(shapes_dataset):
     """SD1.5 layout, 25 values; the tiny UNet's modules sit in blocks 1-2 (down), 12 (mid), 13+ (up)."""
-    from lora_train_core.param_groups import block_index
+    from lora_train_core.optim.param_groups import block_index
 
     dims = [4] * 25
     dims[12] = 0  # no LoRA in the mid block

@@ -13,18 +13,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from lora_train_core.buckets import BucketConfig, plan_buckets
-from lora_train_core.captions import CaptionConfig
-from lora_train_core.dataset import DatasetConfig, load_dataset
+from lora_train_core.data.buckets import BucketConfig, plan_buckets
+from lora_train_core.data.captions import CaptionConfig
+from lora_train_core.data.dataset import DatasetConfig, load_dataset
+from lora_train_core.data.latent_cache import CacheConfig, build_latents
+from lora_train_core.data.text_cache import check_text_cacheable
 from lora_train_core.demo import make_synthetic_dataset
 from lora_train_core.errors import ConfigError
-from lora_train_core.latent_cache import CacheConfig, build_latents
-from lora_train_core.network import NetworkConfig
-from lora_train_core.optim import OptimizerConfig
-from lora_train_core.text_cache import check_text_cacheable
-from lora_train_core.tiny_models import TOKEN_LENGTH, tiny_backend
-from lora_train_core.train import TrainConfig, TrainingRecipe, train
-from lora_train_core.weighted_text import encode_weighted_captions, weighted_token_ids
+from lora_train_core.model.network import NetworkConfig
+from lora_train_core.model.tiny_models import TOKEN_LENGTH, tiny_backend
+from lora_train_core.model.weighted_text import encode_weighted_captions, weighted_token_ids
+from lora_train_core.optim.optimizers import OptimizerConfig
+from lora_train_core.run.train import TrainConfig, TrainingRecipe, train
 
 PLAIN = ["a red circle, blue background", "", "flat colors " * 5]  # the last is cut to 30 tokens
 

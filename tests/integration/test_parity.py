@@ -11,9 +11,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lora_train_core.backends.diffusers_backend import ModelConfig, load_diffusers_backend
-from lora_train_core.loss import LossConfig, training_loss
-from lora_train_core.noise import add_noise
+from lora_train_core.model.diffusers_backend import ModelConfig, load_diffusers_backend
+from lora_train_core.objective.loss import LossConfig, training_loss
+from lora_train_core.objective.noise import add_noise
 
 pytestmark = pytest.mark.slow
 CAPTIONS = ["a red circle, blue background, flat colors", "a photo of a cat"]

@@ -1,0 +1,1 @@
+"""Training data: image folders, images, captions, aspect-ratio buckets, latent and text caches."""

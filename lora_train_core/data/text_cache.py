@@ -1,0 +1,219 @@
+"""Text-encoder outputs encoded once per distinct caption and reused (kohya
+`--cache_text_encoder_outputs` / `--cache_text_encoder_outputs_to_disk`).
+
+`CachedTextEncoder` wraps any backend: `encode_text` returns cached rows and every
+other attribute is the wrapped backend's, so `train()` runs on it unchanged.
+Caching is only exact while the text encoder is frozen and each image's caption
+gives the same text at every step; `maybe_cache_text` refuses it otherwise, as
+kohya does (KOHYA_FACTS, "Caches"). Unlike kohya, the cached text is the text
+training would see: prefix/suffix, first line and secondary separator applied.
+
+A disk entry is a safetensors file named by the SHA-256 of the caption and of a
+fingerprint of the text encoders' weights, so another model or caption never
+reuses it; an entry that cannot be read is encoded again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from ..atomic_io import atomic_save_safetensors
+from ..errors import ConfigError
+from ..model.backend import Backend, TextConditioning
+from ..run.train import TrainingRecipe
+from .captions import CaptionConfig, process_caption
+from .dataset import Dataset
+from .latent_cache import CacheConfig
+
+log = logging.getLogger(__name__)
+CACHE_FORMAT = "lora_train_core.text.v1"
+# The caption options that make one caption's text differ between steps (CaptionConfig.varies_per_step).
+PER_STEP_CAPTION_OPTIONS = (
+    "shuffle_caption",
+    "caption_dropout_rate",
+    "caption_tag_dropout_rate",
+    "caption_dropout_every_n_epochs",
+    "enable_wildcard",
+)
+
+
+class CachedTextEncoder:
+    """A backend whose `encode_text` returns cached outputs, each caption encoded once.
+
+    Outputs are kept on the CPU and moved to the backend's device per batch. With
+    `cache_dir` (which needs `fingerprint`, identifying the text encoders), each
+    output is also stored on disk and read back by later runs. `encoded_count`
+    counts the captions that went through the text encoder.
+    """
+
+    def __init__(
+        self,
+        backend: Backend,
+        cache_dir: Path | None = None,
+        fingerprint: str | None = None,
+        batch_size: int = 16,
+    ):
+        if cache_dir is not None and fingerprint is None:
+            raise ValueError("a disk cache of text-encoder outputs needs the text encoders' fingerprint")
+        self.backend = backend
+        self.cache_dir = None if cache_dir is None else Path(cache_dir)
+        self.text_fingerprint = fingerprint
+        self.batch_size = batch_size
+        self.encoded_count = 0
+        self._rows: dict[str, TextConditioning] = {}
+
+    def __getattr__(self, name: str):
+        # Called only for names this wrapper lacks: the rest of the Backend protocol.
+        backend = self.__dict__.get("backend")
+        if backend is None:
+            raise AttributeError(name)
+        return getattr(backend, name)
+
+    def encode_text(self, captions: Sequence[str]) -> TextConditioning:
+        """The cached outputs for `captions` (a caption not seen before is encoded now)."""
+        self.prefill(captions)
+        return TextConditioning.cat([self._rows[c] for c in captions]).to(self.backend.device)
+
+    def prefill(self, captions: Iterable[str]) -> None:
+        """Make sure every caption has an output: read from disk, else encode in batches."""
+        missing = [c for c in dict.fromkeys(captions) if c not in self._rows]
+        if self.cache_dir is not None:
+            for caption in missing:
+                row = self._read_entry(caption)
+                if row is not None:
+                    self._rows[caption] = row
+            missing = [c for c in missing if c not in self._rows]
+        for start in range(0, len(missing), self.batch_size):
+            self._encode(missing[start : start + self.batch_size])
+
+    def _encode(self, batch: list[str]) -> None:
+        with torch.no_grad():
+            out = self.backend.encode_text(batch)
+        self.encoded_count += len(batch)
+        for i, caption in enumerate(batch):
+            row = out.index([i]).to("cpu")  # indexing copies, so the batch is not kept alive
+            self._rows[caption] = row
+            if self.cache_dir is not None:
+                self._write_entry(caption, row)
+
+    def _key(self, caption: str) -> str:
+        fields = {"format": CACHE_FORMAT, "caption": caption, "text_encoders": self.text_fingerprint}
+        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+
+    def _entry_path(self, key: str) -> Path:
+        return self.cache_dir / f"{key[:32]}.safetensors"
+
+    def _write_entry(self, caption: str, row: TextConditioning) -> None:
+        key = self._key(caption)
+        tensors = {"hidden": row.hidden[0]}
+        if row.pooled is not None:
+            tensors["pooled"] = row.pooled[0]
+        atomic_save_safetensors(self._entry_path(key), tensors, {"key": key})
+
+    def _read_entry(self, caption: str) -> TextConditioning | None:
+        key = self._key(caption)
+        path = self._entry_path(key)
+        if not path.exists():
+            return None
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                if (f.metadata() or {}).get("key") != key:
+                    return None
+                names = set(f.keys())
+                hidden = f.get_tensor("hidden")[None]
+                pooled = f.get_tensor("pooled")[None] if "pooled" in names else None
+        except Exception as exc:  # a torn or foreign file: encode again rather than fail
+            log.warning("text-encoder cache entry %s unreadable (%s); encoding again", path, exc)
+            return None
+        return TextConditioning(hidden, pooled)
+
+
+def text_encoder_fingerprint(backend: Backend) -> str | None:
+    """SHA-256 over the text encoders' weights (names, dtypes, bytes), the tokenizers'
+    lengths and the family; else the backend's own `text_encoder_fingerprint`; else None."""
+    encoders = getattr(backend, "text_encoders", None)
+    if not encoders:
+        return getattr(backend, "text_encoder_fingerprint", None)
+    digest = hashlib.sha256(backend.family.encode())
+    for index, encoder in enumerate(encoders):
+        for name, tensor in sorted(encoder.state_dict().items()):
+            digest.update(f"{index}.{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+            raw = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+            digest.update(raw.numpy().tobytes())
+    for tokenizer in getattr(backend, "tokenizers", ()):
+        digest.update(f"{type(tokenizer).__name__}:{getattr(tokenizer, 'model_max_length', '')}".encode())
+    return digest.hexdigest()
+
+
+def check_text_cacheable(mode: str, train_text_encoder: bool, captions: CaptionConfig) -> None:
+    """Raise ConfigError when cached outputs would differ from what training encodes."""
+    if mode == "none":
+        return
+    if train_text_encoder:
+        raise ConfigError(
+            f"cache.text_encoder_outputs: {mode!r} needs a frozen text encoder, but "
+            "network.train_text_encoder = true trains it; set network.train_text_encoder = false "
+            "or cache.text_encoder_outputs = 'none'"
+        )
+    if captions.weighted_captions:
+        # The cache keys and encodes plain text; kohya refuses this pairing too (sdxl_train.py).
+        raise ConfigError(
+            f"cache.text_encoder_outputs: {mode!r} is not supported with captions.weighted_captions = true; "
+            "set cache.text_encoder_outputs = 'none' or captions.weighted_captions = false"
+        )
+    if captions.varies_per_step:
+        varying = [
+            f"captions.{name} = {getattr(captions, name)!r}"
+            for name in PER_STEP_CAPTION_OPTIONS
+            if getattr(captions, name)
+        ]
+        raise ConfigError(
+            f"cache.text_encoder_outputs: {mode!r} encodes each caption once, but "
+            f"{', '.join(varying) or 'a caption option'} changes the text at every step; "
+            "turn that off or set cache.text_encoder_outputs = 'none'"
+        )
+
+
+def static_captions(dataset: Dataset, recipe: TrainingRecipe) -> list[str]:
+    """Each image's text as training sees it when no caption option varies per step."""
+    # With no per-step option, process_caption draws nothing and ignores the epoch.
+    return [
+        process_caption(image.caption, recipe.captions_for(image.subset), 1, random.Random(0))
+        for image in dataset.images
+    ]
+
+
+def maybe_cache_text(
+    backend: Backend, dataset: Dataset, cache_cfg: CacheConfig, recipe: TrainingRecipe
+) -> Backend:
+    """`backend` wrapped in a filled CachedTextEncoder per cache.text_encoder_outputs, or unchanged.
+
+    Disk entries go to `<cache.cache_dir>/text_encoder_outputs`, by default
+    `<dataset>/.text_encoder_cache`. Raises ConfigError when caching is refused.
+    """
+    mode = cache_cfg.text_encoder_outputs
+    for captions in recipe.all_captions():
+        check_text_cacheable(mode, recipe.network.train_text_encoder, captions)
+    if mode == "none":
+        return backend
+    cache_dir = fingerprint = None
+    if mode == "disk":
+        fingerprint = text_encoder_fingerprint(backend)
+        if fingerprint is None:
+            raise ConfigError(
+                "cache.text_encoder_outputs: 'disk' needs to identify the text encoders, and this "
+                "backend cannot; use 'ram'"
+            )
+        default_dir = dataset.root / ".text_encoder_cache"
+        cache_dir = cache_cfg.cache_dir / "text_encoder_outputs" if cache_cfg.cache_dir else default_dir
+    cached = CachedTextEncoder(backend, cache_dir, fingerprint)
+    cached.prefill(static_captions(dataset, recipe))
+    return cached

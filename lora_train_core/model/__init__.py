@@ -1,0 +1,1 @@
+"""The model side: the backend protocol and its diffusers implementation, the LoRA network, kohya keys."""

@@ -1,0 +1,277 @@
+"""SD1.x/2.x and SDXL on diffusers + transformers models (the CLI's backend).
+
+Text encoding follows kohya: SD1.x/2.x use the encoder's last hidden state;
+SDXL concatenates the penultimate hidden states of both encoders and takes the
+pooled, projected output of the second (`sdxl_train_util`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cached_property, partial
+from pathlib import Path
+
+import torch
+import torch.utils.checkpoint
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from torch import nn
+
+from ..data.latent_cache import weights_fingerprint
+from ..errors import ConfigError, ModelError, check_choice
+from ..run.speed import store_in_fp8
+from .backend import TextConditioning
+from .kohya_keys import LoraTarget, text_encoder_targets, unet_targets
+
+FAMILIES = ("sd15", "sdxl")
+TE_PREFIXES = {"sd15": ("lora_te",), "sdxl": ("lora_te1", "lora_te2")}
+BASE_MODEL_VERSION = {"sd15": "sd_v1", "sdxl": "sdxl_base_v1-0"}
+MODELSPEC_ARCHITECTURE = {
+    "sd15": "stable-diffusion-v1/lora",
+    "sdxl": "stable-diffusion-xl-v1-base/lora",
+}
+
+
+def kohya_alphas_cumprod() -> torch.Tensor:
+    """ā_t of the DDPM schedule kohya trains SD1.x/2.x and SDXL with (scaled_linear, 0.00085..0.012)."""
+    scheduler = DDPMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000
+    )
+    return scheduler.alphas_cumprod.to(torch.float32)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """[model] section: which base model to train on."""
+
+    path: Path
+    family: str = "auto"  # auto, sd15, sdxl
+    v_parameterization: bool = False  # kohya: the model predicts v (SD2.x 768-v)
+
+    def __post_init__(self):
+        object.__setattr__(self, "path", Path(self.path))
+        check_choice("model.family", self.family, ("auto", *FAMILIES))
+
+
+class DiffusersBackend:
+    """The backend protocol over diffusers/transformers modules already in memory."""
+
+    def __init__(
+        self,
+        unet: UNet2DConditionModel,
+        vae: AutoencoderKL,
+        text_encoders: Sequence[nn.Module],
+        tokenizers: Sequence,
+        family: str,
+        prediction_type: str = "epsilon",
+        device: torch.device | str = "cpu",
+        weight_dtype: torch.dtype = torch.float32,
+        fp8_unet: bool = False,
+    ):
+        """weight_dtype: the frozen weights' and the UNet inputs' dtype (the mixed-precision dtype).
+        fp8_unet: store the UNet's weights as float8 instead (speed.fp8_base); they are cast to
+        weight_dtype where used, under the training step's autocast."""
+        check_choice("model.family", family, FAMILIES)
+        check_choice("model.prediction_type", prediction_type, ("epsilon", "v_prediction"))
+        if len(text_encoders) != len(TE_PREFIXES[family]):
+            raise ModelError(
+                f"a {family} model has {len(TE_PREFIXES[family])} text encoder(s), got {len(text_encoders)}"
+            )
+        self.family = family
+        self.prediction_type = prediction_type
+        self.device = torch.device(device)
+        self.weight_dtype = weight_dtype
+        # The VAE stays fp32: SDXL's VAE overflows in fp16, and it runs once per image when caching.
+        self.vae = _place(vae, self.device, torch.float32).eval()
+        self.unet = _place(unet, self.device, weight_dtype)
+        if fp8_unet:
+            if weight_dtype == torch.float32:
+                raise ConfigError(
+                    "speed.fp8_base: needs train.mixed_precision 'bf16' or 'fp16' to compute in"
+                )
+            self.unet = store_in_fp8(self.unet)
+        self.fp8_unet = fp8_unet
+        self.text_encoders = [_place(te, self.device, weight_dtype) for te in text_encoders]
+        self.tokenizers = list(tokenizers)
+        self.alphas_cumprod = kohya_alphas_cumprod().to(self.device)
+        self.latent_downscale = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.base_model_version = BASE_MODEL_VERSION[family]
+        self.modelspec_architecture = MODELSPEC_ARCHITECTURE[family]
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """The VAE's weights fingerprint, for the latent cache key (computed when first asked)."""
+        return weights_fingerprint(self.vae.state_dict())
+
+    @torch.no_grad()
+    def encode_images(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        posterior = self.vae.encode(pixels.to(self.device, torch.float32)).latent_dist
+        return posterior.sample(generator) * self.vae.config.scaling_factor
+
+    def encode_text(self, captions: Sequence[str]) -> TextConditioning:
+        ids = [self._token_ids(tok, captions) for tok in self.tokenizers]
+        if self.family == "sd15":
+            return TextConditioning(self.text_encoders[0](ids[0]).last_hidden_state)
+        out1 = self.text_encoders[0](ids[0], output_hidden_states=True)
+        out2 = self.text_encoders[1](ids[1], output_hidden_states=True)
+        hidden = torch.cat([out1.hidden_states[-2], out2.hidden_states[-2]], dim=-1)
+        return TextConditioning(hidden, out2.text_embeds)
+
+    def _token_ids(self, tokenizer, captions: Sequence[str]) -> torch.Tensor:
+        return tokenizer(
+            list(captions),
+            padding="max_length",
+            max_length=tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids.to(self.device)
+
+    def predict(
+        self,
+        noisy_latents: torch.Tensor,
+        timesteps: torch.Tensor,
+        text: TextConditioning,
+        size_conditioning: torch.Tensor | None,
+    ) -> torch.Tensor:
+        added = None
+        if self.family == "sdxl":
+            if size_conditioning is None or text.pooled is None:
+                raise ValueError("SDXL needs pooled text embeddings and size conditioning")
+            added = {"text_embeds": text.pooled, "time_ids": size_conditioning.to(self.device)}
+        return self.unet(
+            noisy_latents.to(self.device, self.weight_dtype),
+            timesteps.to(self.device),
+            encoder_hidden_states=text.hidden.to(self.weight_dtype),
+            added_cond_kwargs=added,
+        ).sample
+
+    def lora_targets(self, include_conv: bool, unet: bool, text_encoder: bool) -> list[LoraTarget]:
+        targets: list[LoraTarget] = []
+        if unet:
+            targets += unet_targets(self.unet, self.family, include_conv)
+        if text_encoder:
+            for te, prefix in zip(self.text_encoders, TE_PREFIXES[self.family], strict=True):
+                targets += text_encoder_targets(te, prefix)
+        return targets
+
+    def trainable_modules(self) -> list[nn.Module]:
+        return [self.unet, *self.text_encoders]
+
+    def set_gradient_checkpointing(self, enabled: bool, preserve_rng_state: bool = True) -> None:
+        if enabled:
+            self.unet.enable_gradient_checkpointing(
+                partial(_checkpoint, preserve_rng_state=preserve_rng_state)
+            )
+            for te in self.text_encoders:
+                te.gradient_checkpointing_enable()
+        else:
+            self.unet.disable_gradient_checkpointing()
+            for te in self.text_encoders:
+                te.gradient_checkpointing_disable()
+
+
+def _checkpoint(module: nn.Module, *args, preserve_rng_state: bool):
+    """diffusers' own checkpointing call, with the RNG-state saving made a choice: reading the
+    RNG state is not allowed while a CUDA graph records, and without dropout it is not needed."""
+    return torch.utils.checkpoint.checkpoint(
+        module.__call__, *args, use_reentrant=False, preserve_rng_state=preserve_rng_state
+    )
+
+
+def _place(module: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """Move a frozen module; cast only if needed (diffusers warns on every dtype cast)."""
+    module = module.to(device).requires_grad_(False)
+    if any(p.dtype != dtype for p in module.parameters()):
+        module = module.to(dtype)
+    return module
+
+
+def detect_family(path: Path) -> str:
+    """sd15 or sdxl, from a diffusers folder's layout or a single file's keys."""
+    if path.is_dir():
+        return "sdxl" if (path / "text_encoder_2").is_dir() else "sd15"
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            keys = set(f.keys())
+    except Exception as exc:
+        raise ModelError(f"{path}: not a readable .safetensors checkpoint ({exc})") from exc
+    return "sdxl" if any(k.startswith("conditioner.embedders.1.") for k in keys) else "sd15"
+
+
+def load_diffusers_backend(
+    cfg: ModelConfig,
+    device: torch.device | str = "cpu",
+    weight_dtype: torch.dtype = torch.float32,
+    fp8_unet: bool = False,
+) -> DiffusersBackend:
+    """Load a base model from a diffusers folder or a single .safetensors checkpoint."""
+    path = cfg.path
+    if not path.exists():
+        raise ModelError(
+            f"model.path: {str(path)!r} does not exist; give a diffusers model folder "
+            "(with unet/, vae/, text_encoder/) or a .safetensors checkpoint"
+        )
+    family = detect_family(path)
+    if cfg.family != "auto" and cfg.family != family:
+        raise ModelError(
+            f"model.path: {str(path)!r} is an {family} model, but model.family is {cfg.family!r}"
+        )
+    parts = _load_folder(path, family) if path.is_dir() else _load_single_file(path, family)
+    prediction_type = "v_prediction" if cfg.v_parameterization else "epsilon"
+    return DiffusersBackend(
+        *parts,
+        family=family,
+        prediction_type=prediction_type,
+        device=device,
+        weight_dtype=weight_dtype,
+        fp8_unet=fp8_unet,
+    )
+
+
+def _load_folder(path: Path, family: str):
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    missing = [d for d in ("unet", "vae", "text_encoder", "tokenizer") if not (path / d).is_dir()]
+    if missing:
+        raise ModelError(
+            f"model.path: {str(path)!r} is not a diffusers model folder (missing {', '.join(missing)}/)"
+        )
+    try:
+        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet")
+        vae = AutoencoderKL.from_pretrained(path, subfolder="vae")
+        text_encoders = [CLIPTextModel.from_pretrained(path, subfolder="text_encoder")]
+        tokenizers = [CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")]
+        if family == "sdxl":
+            text_encoders.append(
+                CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2")
+            )
+            tokenizers.append(CLIPTokenizer.from_pretrained(path, subfolder="tokenizer_2"))
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"model.path: cannot load the model in {str(path)!r}: {exc}") from exc
+    return unet, vae, text_encoders, tokenizers
+
+
+def _load_single_file(path: Path, family: str):
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    pipeline_class = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
+    try:
+        pipe = pipeline_class.from_single_file(str(path))
+    except Exception as exc:
+        raise ModelError(
+            f"model.path: cannot load the checkpoint {str(path)!r} ({exc}). diffusers needs the model's "
+            "configs, which it downloads once; offline, convert the checkpoint to a diffusers folder first"
+        ) from exc
+    if family == "sdxl":
+        return (
+            pipe.unet,
+            pipe.vae,
+            [pipe.text_encoder, pipe.text_encoder_2],
+            [pipe.tokenizer, pipe.tokenizer_2],
+        )
+    return pipe.unet, pipe.vae, [pipe.text_encoder], [pipe.tokenizer]
+
+
+__all__ = ["ConfigError", "DiffusersBackend", "ModelConfig", "detect_family", "load_diffusers_backend"]

@@ -1,0 +1,1 @@
+"""What a step optimises: training noise, timesteps, targets, and the weighted loss."""

@@ -1,0 +1,1 @@
+"""Optimisers, learning-rate schedules, parameter groups and EMA of the LoRA weights."""

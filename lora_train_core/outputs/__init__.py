@@ -1,0 +1,1 @@
+"""What a run leaves behind: the .safetensors file and its metadata, merges, samples, loss plots."""

@@ -1,0 +1,141 @@
+"""[speed] section: options that make a step faster or leaner; all but fp8_base compute the same.
+
+Measured in bench/ (RESULTS.md) on real-size SD1.5 and SDXL UNets:
+
+cuda_graph: the step's forward, loss and backward are recorded as one CUDA graph
+    per batch shape (one per bucket) and replayed, so the host launches one graph
+    instead of thousands of small kernels; the optimiser, clipping, the NaN guard
+    and EMA stay eager, so every optimiser works (cuda_graphs.py). The graphs'
+    memory pool holds more than an eager step (RESULTS.md run 8: 8.8 vs 7.8 GiB).
+compile_blocks: `torch.compile` each repeated block of the denoiser (regional
+    compilation: one compiled graph per block shape, compiled once).
+cudnn_benchmark: let cuDNN time its convolution algorithms for each new shape.
+fp8_base: store the frozen UNet's Linear and Conv2d weights as float8 (e4m3fn),
+    as kohya's `--fp8_base`; autocast casts them to the mixed-precision dtype where
+    used. This one changes results (the weights are rounded to 3 mantissa bits).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError, check_choice
+
+# kohya / diffusers class names of the blocks a UNet repeats
+COMPILE_BLOCKS = {
+    "none": (),
+    "transformer": ("BasicTransformerBlock",),
+    "transformer+resnet": ("BasicTransformerBlock", "ResnetBlock2D"),
+}
+FP8_STORAGE = torch.float8_e4m3fn
+
+
+@dataclass(frozen=True)
+class SpeedConfig:
+    """[speed] section (see the module docstring for what each option does)."""
+
+    cuda_graph: bool = False
+    compile_blocks: str = "none"  # none, transformer, transformer+resnet
+    cudnn_benchmark: bool = False
+    fp8_base: bool = False
+
+    def __post_init__(self):
+        for name in ("cuda_graph", "cudnn_benchmark", "fp8_base"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"speed.{name}: {getattr(self, name)!r} is not true/false")
+        check_choice("speed.compile_blocks", self.compile_blocks, COMPILE_BLOCKS)
+
+
+def check_speed(recipe, backend, world_size: int = 1) -> None:
+    """Refuse [speed] settings this run cannot honour, naming the setting that conflicts."""
+    speed, train, net, device = recipe.speed, recipe.train, recipe.network, backend.device
+    if speed.fp8_base != getattr(backend, "fp8_unet", False):
+        raise ConfigError(
+            f"speed.fp8_base = {str(speed.fp8_base).lower()}, but the model was loaded "
+            f"{'without' if speed.fp8_base else 'with'} float8 weights; the CLI loads it as the "
+            "setting says (ComfyUI: choose the weight dtype in the loader node instead)"
+        )
+    if speed.fp8_base and train.mixed_precision == "no":
+        raise ConfigError(
+            "speed.fp8_base: float8 weights are cast where used by mixed precision; "
+            "set train.mixed_precision to 'bf16' (or 'fp16')"
+        )
+    if not speed.cuda_graph:
+        return
+    if device.type != "cuda":
+        raise ConfigError(f"speed.cuda_graph: needs a CUDA device; this run is on {device.type}")
+    refusals = {
+        "network.train_text_encoder": net.train_text_encoder,
+        "train.mixed_precision = 'fp16'": train.mixed_precision == "fp16",
+        "network dropout (network.network_dropout, rank_dropout, module_dropout)": any(
+            (net.network_dropout, net.rank_dropout, net.module_dropout)
+        ),
+        "multi-process training": world_size > 1,
+    }
+    for what, present in refusals.items():
+        if present:
+            raise ConfigError(f"speed.cuda_graph with {what} is not implemented yet; turn one of them off")
+
+
+@contextlib.contextmanager
+def speedups(modules: Sequence[nn.Module], speed: SpeedConfig) -> Iterator[None]:
+    """cuDNN autotuning and compiled blocks for the length of a run (cuda_graph is the step's)."""
+    with cudnn_benchmark(speed.cudnn_benchmark), compiled_blocks(modules, speed.compile_blocks):
+        yield
+
+
+def compile_blocks(modules: Sequence[nn.Module], which: str) -> list[nn.Module]:
+    """`torch.compile` every block whose class is in COMPILE_BLOCKS[which], in place; returns them.
+
+    Compiling happens lazily, at a block's first call: one graph per distinct block
+    shape (dynamo's recompile limit is raised so that SDXL's ~70 transformer
+    blocks of 3 widths all compile rather than fall back to eager).
+    """
+    names = COMPILE_BLOCKS[which]
+    blocks = [m for module in modules for m in module.modules() if type(m).__name__ in names]
+    if not blocks:
+        return blocks
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    for block in blocks:
+        block.compile()
+    return blocks
+
+
+@contextlib.contextmanager
+def compiled_blocks(modules: Sequence[nn.Module], which: str) -> Iterator[int]:
+    """compile_blocks for the length of a run, then back to eager; yields how many were compiled."""
+    blocks = compile_blocks(modules, which)
+    try:
+        yield len(blocks)
+    finally:
+        for block in blocks:
+            block._compiled_call_impl = None  # nn.Module.compile's own slot
+
+
+@contextlib.contextmanager
+def cudnn_benchmark(enabled: bool) -> Iterator[None]:
+    """cuDNN autotuning on for the run (a process-wide switch), restored after."""
+    before = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = enabled or before
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = before
+
+
+def store_in_fp8(module: nn.Module) -> nn.Module:
+    """The Linear and Conv2d weights of frozen `module` stored as float8 e4m3fn (a plain cast, as
+    kohya's --fp8_base); they are over 99% of a UNet's bytes. Norms and biases keep their dtype:
+    autocast casts linear/conv weights to the compute dtype where used on every device, but not
+    the weights of norms on the CPU."""
+    if any(p.requires_grad for p in module.parameters()):
+        raise ValueError("store_in_fp8: the module has trainable parameters; fp8 is for frozen weights")
+    for layer in module.modules():
+        if isinstance(layer, nn.Linear | nn.Conv2d):
+            layer.weight.data = layer.weight.data.to(FP8_STORAGE)
+    return module
