@@ -100,8 +100,10 @@ def _train(args) -> int:
     import torch
 
     from .data.dataset import load_dataset
-    from .model.diffusers_backend import load_diffusers_backend
+    from .model.diffusers_backend import load_diffusers_backend, model_facts
+    from .run.distributed import DataParallel
     from .run.orchestrator import run_training
+    from .run.preflight import prepare_run
     from .run.progress import ProgressBar
     from .run.state_files import load_training_state
     from .run.train import MIXED_PRECISION, TrainingStopped
@@ -111,21 +113,25 @@ def _train(args) -> int:
     state = load_training_state(args.resume) if args.resume is not None else None
     dataset = load_dataset(cfg.dataset)
     device = _device(args.device)
+    fp8 = cfg.recipe.speed.fp8_base
+    world_size = DataParallel.from_environment().world_size
+    plan = prepare_run(cfg, dataset, model_facts(cfg.model, device, fp8), state, world_size)
     weight_dtype = MIXED_PRECISION[cfg.recipe.train.mixed_precision] or torch.float32
-    backend = load_diffusers_backend(cfg.model, device, weight_dtype, fp8_unet=cfg.recipe.speed.fp8_base)
+    backend = load_diffusers_backend(cfg.model, device, weight_dtype, fp8_unet=fp8)
     bar = ProgressBar()
     try:
         with _StopOnSignal(bar) as on_step:
-            result = run_training(cfg, backend, on_step, resume=state, dataset=dataset)
+            result = run_training(cfg, backend, on_step, plan=plan)
     except TrainingStopped as stopped:
         bar.close()
-        if isinstance(stopped.__cause__, Cancelled):
+        if isinstance(stopped.__cause__, Cancelled | KeyboardInterrupt):
             print(f"cancelled after step {stopped.partial.steps}", file=sys.stderr)
             return 130
         if isinstance(stopped.__cause__, LoraTrainError):
             raise LoraTrainError(str(stopped)) from stopped
         raise
-    bar.close()
+    finally:
+        bar.close()
     losses = result.trained.losses
     print(f"first loss {losses[0]:.4f}, last loss {losses[-1]:.4f}")
     print(f"saved {result.path}")
@@ -163,7 +169,10 @@ class _StopOnSignal:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        print("\nstopping after this step (press Ctrl-C again to abort without saving)", file=sys.stderr)
+        print(
+            "\nstopping after this step (press Ctrl-C again to stop at once; the partial LoRA is kept)",
+            file=sys.stderr,
+        )
 
     def __call__(self, report) -> None:
         self.on_step(report)

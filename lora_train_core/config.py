@@ -50,9 +50,12 @@ class OutputConfig:
     overwrite: bool = False
     save_every_n_steps: int = 0  # also save `<name>-step<N>.safetensors` every N steps (0 = off)
     save_last_n_saves: int = 0  # keep only the newest N of those (0 = keep all)
+    state_dir: Path | None = None  # training states; default <output_dir>/state
 
     def __post_init__(self):
         object.__setattr__(self, "output_dir", Path(self.output_dir))
+        if self.state_dir is not None:
+            object.__setattr__(self, "state_dir", Path(self.state_dir))
         check_choice("output.save_precision", self.save_precision, SAVE_DTYPES)
         check_int("output.save_every_n_steps", self.save_every_n_steps, 0)
         check_int("output.save_last_n_saves", self.save_last_n_saves, 0)
@@ -65,6 +68,10 @@ class OutputConfig:
     @property
     def path(self) -> Path:
         return self.output_dir / f"{self.output_name}.safetensors"
+
+    @property
+    def states_dir(self) -> Path:
+        return self.state_dir if self.state_dir is not None else self.output_dir / "state"
 
 
 @dataclass(frozen=True)

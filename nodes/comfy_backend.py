@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..lora_train_core.data.latent_cache import weights_fingerprint
+from ..lora_train_core.data.latent_cache import sampled_fingerprint, weights_fingerprint
 from ..lora_train_core.errors import ConfigError, ModelError
 from ..lora_train_core.model.backend import TextConditioning
 from ..lora_train_core.model.kohya_keys import LoraTarget, sgm_unet_targets, text_encoder_targets
@@ -63,6 +63,8 @@ class ComfyBackend:
         )
         self.alphas_cumprod = (1.0 / (1.0 + sampling.sigmas.to(torch.float32) ** 2)).to(self.device)
         self.latent_downscale = 8
+        self.fp8_base = False
+        self._model_hash: str | None = None
         self.base_model_version = BASE_MODEL_VERSION[self.family]
         self.modelspec_architecture = MODELSPEC_ARCHITECTURE[self.family]
         self._checkpointed: list[nn.Module] = []
@@ -72,6 +74,18 @@ class ComfyBackend:
     def fingerprint(self) -> str:
         """The VAE's weights fingerprint, for the latent cache key (computed when first asked)."""
         return weights_fingerprint(self.vae.get_sd()) if self.vae is not None else "no-vae"
+
+    @property
+    def base_model_name(self) -> str:
+        return f"ComfyUI MODEL {self.base_model_fingerprint()[:12]}"
+
+    def base_model_fingerprint(self) -> str:
+        if self._model_hash is None:
+            self._model_hash = sampled_fingerprint(self.diffusion_model.state_dict())
+        return self._model_hash
+
+    def parkable_modules(self, latents_cached: bool, text_cached: bool) -> list[nn.Module]:
+        return []  # ComfyUI's model management decides what stays on the GPU
 
     def prepare_for_training(self, text_encoder: bool = False) -> None:
         """Load the model on its device and make its weights usable by autograd.

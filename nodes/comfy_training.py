@@ -1,177 +1,99 @@
-"""Training inside ComfyUI: the core's `train()` run on the graph's MODEL/CLIP.
+"""Training inside ComfyUI: the core's one run (`run_training`) on the graph's MODEL/CLIP.
 
-What ComfyUI forces here (DESIGN.md, "ComfyUI facts that bite"): nodes run under
-torch.inference_mode(), so training runs inside inference_mode(False) with
-grad enabled and clones the inference tensors it receives; LoRA layers are
-removed in `finally` by the network itself, so the input MODEL is unchanged on
-success, error and cancel; progress goes to ComfyUI's ProgressBar (with a live
-loss plot) and Cancel is checked every step, keeping a partial LoRA.
+Only what is ComfyUI's happens here (DESIGN.md, "ComfyUI facts that bite"): nodes run under
+torch.inference_mode(), so training runs inside inference_mode(False) with grad enabled and
+clones the inference tensors it receives; `load_models_gpu` loads the model; progress goes
+to ComfyUI's ProgressBar (with a live loss plot or the newest samples) and Cancel is checked
+every step; the output MODEL/CLIP carry the saved file through `load_lora_for_models`, as
+LoraLoader would apply it. Stages, saves, states, the partial LoRA on Cancel and metadata are
+the core's, as in the CLI. LoRA layers are removed in `finally` by the network itself, so the
+input MODEL is unchanged on success, error and cancel.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
-from pathlib import Path
+from dataclasses import dataclass
 
 import comfy.model_management as mm
 import comfy.sd
 import comfy.utils
 import torch
 
-from ..lora_train_core.data.buckets import plan_buckets
-from ..lora_train_core.data.latent_cache import CacheConfig, CachedLatents, LatentSample, build_latents
-from ..lora_train_core.data.text_cache import maybe_cache_text
+from ..lora_train_core.config import RunConfig
+from ..lora_train_core.data.latent_cache import CachedLatents, LatentSample
 from ..lora_train_core.errors import ConfigError
-from ..lora_train_core.outputs.export import next_free_path, save_dtype, save_lora
+from ..lora_train_core.model.backend import ModelFacts
 from ..lora_train_core.outputs.loss_plot import render_loss_plot
-from ..lora_train_core.outputs.metadata import run_metadata
-from ..lora_train_core.run.stages import (
-    StageConfig,
-    StepOffset,
-    check_stages,
-    stage_buckets,
-    stage_recipe,
-    stage_record,
-    stages_metadata,
-)
-from ..lora_train_core.run.state_files import StateWriter, load_training_state
-from ..lora_train_core.run.train import (
-    StepReport,
-    TrainedLora,
-    TrainingRecipe,
-    TrainingStopped,
-    total_optimizer_steps,
-    train,
-)
+from ..lora_train_core.run.orchestrator import run_training
+from ..lora_train_core.run.preflight import prepare_run
+from ..lora_train_core.run.state import TrainingState
+from ..lora_train_core.run.train import StepReport, TrainingStopped
 from .comfy_backend import ComfyBackend
+from .comfy_sampling import ComfySampleCallback
 from .values import LatentsValue, TrainedValue
 
 log = logging.getLogger(__name__)
 PREVIEW_EVERY = 10
 
 
+@dataclass(frozen=True)
+class ComfyInputs:
+    """The graph's objects a run trains on (MODEL, CLIP, VAE) and the Cache Latents output."""
+
+    model: object
+    clip: object
+    latents: LatentsValue
+    vae: object = None
+
+
 def train_lora_in_comfy(
-    model,
-    clip,
-    latents: LatentsValue,
-    recipe: TrainingRecipe,
-    save_path: Path,
-    save_precision: str,
+    inputs: ComfyInputs,
+    cfg: RunConfig,
     node_id: str | None,
     *,
-    states_dir: Path,
-    also_on_step: Sequence[Callable[[StepReport], None]] = (),
-    cache_text: bool = False,
-    resume: Path | None = None,
-    stages: Sequence[StageConfig] = (),
-    vae=None,
+    sampler: ComfySampleCallback | None = None,
+    resume: TrainingState | None = None,
 ):
-    """Train (stage by stage if `stages`), save to `save_path` (a free name), and return
-    (TrainedValue, MODEL, CLIP) carrying the LoRA."""
+    """Train per `cfg` (stage by stage if `cfg.stages`) and return (TrainedValue, MODEL, CLIP)
+    carrying the saved LoRA. A Cancel re-raises ComfyUI's own interrupt after the core kept
+    the partial LoRA and its state."""
+    model, clip, latents = inputs.model, inputs.clip, inputs.latents
     dataset = latents.buckets.data.dataset
-    check_stages(tuple(stages), recipe, resume is not None)
-    if stages and vae is None:
+    if cfg.stages and inputs.vae is None:
         raise ConfigError(
             "Train LoRA: training stages re-encode the images at each resolution; connect the VAE"
         )
     with torch.inference_mode(False), torch.enable_grad():
-        backend = ComfyBackend(model, clip, vae)
-        backend.prepare_for_training(text_encoder=recipe.network.train_text_encoder)
+        backend = ComfyBackend(model, clip, inputs.vae)
+        plan = prepare_run(cfg, dataset, ModelFacts.of(backend), resume)  # before any weight moves
+        backend.prepare_for_training(text_encoder=cfg.recipe.network.train_text_encoder)
         try:
-            text_cache = CacheConfig(text_encoder_outputs="ram" if cache_text else "none")
-            backend = maybe_cache_text(backend, dataset, text_cache, recipe)
-            runs = _stage_runs(backend, latents, recipe, stages)
-            writer = StateWriter(states_dir, save_path.stem, recipe.train.save_last_n_states)
-            state = load_training_state(resume) if resume is not None else None
-            session = _Session(backend, dataset, save_path, save_precision, writer)
-            trained = session.train(runs, _Progress(node_id, also_on_step), state)
+            result = run_training(
+                cfg,
+                backend,
+                on_step=_Progress(node_id, sampler),
+                dataset=dataset,
+                latents=None if cfg.stages else _trainable(latents.latents),
+                plan=plan,
+            )
+        except TrainingStopped as stop:
+            # ComfyUI's executor must see its own interrupt (or the error) to report it as such.
+            raise (stop.__cause__ or stop) from None
         finally:
             backend.release()  # the shared CLIP modules get their own forward back
-    metadata = session.save(save_path, trained)
     # The in-graph result is exactly what LoraLoader gives for the saved file: same tensors, same loader.
-    lora = comfy.utils.load_torch_file(str(save_path), safe_load=True)
+    lora = comfy.utils.load_torch_file(str(result.path), safe_load=True)
     model_out, clip_out = comfy.sd.load_lora_for_models(model, clip, lora, 1.0, 1.0)
-    return TrainedValue(trained, metadata, save_path), model_out, clip_out
-
-
-class _Session:
-    """One Train LoRA run: its stages in order, each continuing the previous stage's LoRA."""
-
-    def __init__(self, backend, dataset, save_path: Path, save_precision: str, states: StateWriter):
-        self.backend, self.dataset, self.save_path = backend, dataset, save_path
-        self.save_precision, self.states = save_precision, states
-        self.records: list[dict] = []
-        self.plan = self.recipe = None
-
-    def train(self, runs, progress, state) -> TrainedLora:
-        total = sum(total_optimizer_steps(plan, recipe.train)[0] for plan, _, recipe, _ in runs)
-        done, weights, losses = 0, None, []
-        for self.plan, stage_latents, self.recipe, stage in runs:
-            try:
-                trained = train(
-                    self.backend,
-                    self.dataset,
-                    self.plan,
-                    stage_latents,
-                    self.recipe,
-                    on_step=StepOffset([progress], done, total),
-                    resume=state,
-                    save_state=self.states,
-                    initial_weights=weights,
-                )
-            except TrainingStopped as stop:
-                self.keep_stopped(stop)
-                raise (stop.__cause__ or stop) from None
-            done, weights = done + trained.steps, trained.network.kohya_state_dict()
-            losses += trained.losses
-            if stage is not None:
-                self.records.append(stage_record(stage, self.recipe, trained.steps))
-        trained.losses = losses  # the whole run's curve, across stages
-        return trained
-
-    def keep_stopped(self, stop: TrainingStopped) -> None:
-        """A cancelled or failed run keeps a `-partial` LoRA and its training state."""
-        if stop.partial.steps > 0:
-            partial = next_free_path(self.save_path.with_name(f"{self.save_path.stem}-partial.safetensors"))
-            self.save(partial, stop.partial)
-            log.warning("training stopped at step %d; partial LoRA saved to %s", stop.partial.steps, partial)
-        if stop.state is not None:
-            log.warning(
-                "training state saved to %s; pick it in resume_from to continue", self.states(stop.state)
-            )
-
-    def save(self, path: Path, trained: TrainedLora) -> dict[str, str]:
-        backend = self.backend
-        metadata = run_metadata(
-            self.recipe, backend, self.dataset, self.plan, trained, path.stem, "ComfyUI MODEL"
-        )
-        metadata["ss_ema_weights"] = "False"
-        metadata.update(stages_metadata(self.records))
-        save_lora(path, trained.kohya_state_dict(), metadata, save_dtype(self.save_precision))
-        return metadata
-
-
-def _stage_runs(backend, latents: LatentsValue, recipe: TrainingRecipe, stages: Sequence[StageConfig]):
-    """(plan, latents, recipe, stage) per stage; without stages, the graph's own plan and latents."""
-    plan = latents.buckets.plan
-    if not stages:
-        return [(plan, _trainable(latents.latents), recipe, None)]
-    dataset = latents.buckets.data.dataset
-    runs = []
-    for stage in stages:
-        stage_plan = plan_buckets(dataset.images, stage_buckets(plan.config, stage))
-        stage_latents = build_latents(dataset, stage_plan, backend, CacheConfig(mode="ram"))
-        runs.append((stage_plan, stage_latents, stage_recipe(recipe, stage), stage))
-    return runs
+    return TrainedValue(result.trained, result.metadata, result.path), model_out, clip_out
 
 
 class _Progress:
-    """Step callback: Cancel check, the other callbacks, then ProgressBar with a preview: samples
-    drawn at this step if any (`take_preview`), else every few steps the live loss plot."""
+    """Step callback: Cancel check, the samples, then ProgressBar with a preview: the samples
+    drawn at this step if any, else every few steps the live loss plot."""
 
-    def __init__(self, node_id: str | None, also: Sequence[Callable[[StepReport], None]] = ()):
-        self.node_id, self.also = node_id, tuple(also)
+    def __init__(self, node_id: str | None, sampler: ComfySampleCallback | None):
+        self.node_id, self.sampler = node_id, sampler
         self.bar: comfy.utils.ProgressBar | None = None
         self.losses: list[float] = []
 
@@ -181,14 +103,13 @@ class _Progress:
         self.losses.append(loss)
         if self.bar is None:
             self.bar = comfy.utils.ProgressBar(total, node_id=self.node_id)
-        for callback in self.also:
-            callback(report)
-        samples = [
-            s for s in (getattr(c, "take_preview", lambda: None)() for c in self.also) if s is not None
-        ]
+        fresh = None
+        if self.sampler is not None:
+            self.sampler(report)
+            fresh = self.sampler.take_preview()
         preview = None
-        if samples:
-            preview = ("JPEG", samples[0], 512)
+        if fresh is not None:
+            preview = ("JPEG", fresh, 512)
         elif step == 1 or step % PREVIEW_EVERY == 0 or step == total:
             plot = render_loss_plot(self.losses, title=f"loss {loss:.4f} (step {step}/{total})")
             preview = ("JPEG", plot, 512)

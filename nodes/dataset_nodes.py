@@ -118,22 +118,21 @@ class LoadDataset(io.ComfyNode):
         reg_path = None
         if regularization_folder != NO_FOLDER:
             reg_path = resolve_dataset_folder(input_dir, regularization_folder)
-        dataset = load_dataset(
-            DatasetConfig(
-                path=path,
-                caption_extension=caption_extension,
-                default_repeats=default_repeats,
-                reg_path=reg_path,
-                prior_loss_weight=prior_loss_weight,
-            )
+        config = DatasetConfig(
+            path=path,
+            caption_extension=caption_extension,
+            default_repeats=default_repeats,
+            reg_path=reg_path,
+            prior_loss_weight=prior_loss_weight,
         )
+        dataset = load_dataset(config)
         captions = CaptionConfig(
             shuffle_caption=shuffle_caption,
             keep_tokens=keep_tokens,
             caption_dropout_rate=caption_dropout_rate,
             caption_tag_dropout_rate=caption_tag_dropout_rate,
         )
-        return io.NodeOutput(DatasetValue(dataset, captions))
+        return io.NodeOutput(DatasetValue(dataset, captions, config))
 
 
 class Bucketize(io.ComfyNode):
@@ -239,5 +238,6 @@ class CacheLatents(io.ComfyNode):
         backend = ComfyBackend(model, vae=vae)
         check_steps_for_family(buckets.plan.config, backend.family)
         cache_dir = Path(folder_paths.get_output_directory()) / "lora_latent_cache"
-        latents = build_latents(buckets.data.dataset, buckets.plan, backend, CacheConfig(mode, cache_dir))
-        return io.NodeOutput(LatentsValue(buckets, latents))
+        cache = CacheConfig(mode, cache_dir)
+        latents = build_latents(buckets.data.dataset, buckets.plan, backend, cache)
+        return io.NodeOutput(LatentsValue(buckets, latents, cache))

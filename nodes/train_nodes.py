@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import folder_paths
@@ -9,6 +10,7 @@ import numpy as np
 import torch
 from comfy_api.v0_0_2 import io, ui
 
+from ..lora_train_core.config import OutputConfig, RunConfig
 from ..lora_train_core.errors import ConfigError
 from ..lora_train_core.model.network import NetworkConfig
 from ..lora_train_core.objective.loss import LossConfig
@@ -18,10 +20,10 @@ from ..lora_train_core.optim.optimizers import OptimizerConfig
 from ..lora_train_core.outputs.export import SAVE_DTYPES, next_free_path, save_dtype, save_lora
 from ..lora_train_core.outputs.loss_plot import render_loss_plot
 from ..lora_train_core.run.stages import StageConfig
-from ..lora_train_core.run.state_files import RECORD_FILE, state_folders
+from ..lora_train_core.run.state_files import RECORD_FILE, load_training_state, state_folders
 from ..lora_train_core.run.train import TrainConfig, TrainingRecipe
 from .comfy_sampling import ComfySampleCallback, parse_prompts
-from .comfy_training import train_lora_in_comfy
+from .comfy_training import ComfyInputs, train_lora_in_comfy
 from .paths import lora_save_path, state_folder
 from .values import (
     CATEGORY,
@@ -35,6 +37,8 @@ from .values import (
 )
 
 PRECISIONS = list(SAVE_DTYPES)
+# One set of defaults, the core's: the CLI and the nodes train the same run when nothing is set.
+_TRAIN, _NETWORK = TrainConfig(), NetworkConfig()
 
 
 NO_STATE = "(none)"
@@ -73,28 +77,34 @@ class TrainLoRA(io.ComfyNode):
                 io.Clip.Input("clip", tooltip="The CLIP of the same checkpoint (encodes the captions)."),
                 LoraLatents.Input("latents", tooltip="From Cache Latents."),
                 io.Int.Input(
-                    "max_train_steps", default=500, min=1, max=1_000_000, tooltip="Optimiser steps."
+                    "max_train_steps",
+                    default=_TRAIN.max_train_steps,
+                    min=1,
+                    max=1_000_000,
+                    tooltip="Optimiser steps.",
                 ),
                 io.Int.Input(
                     "train_batch_size",
-                    default=1,
+                    default=_TRAIN.train_batch_size,
                     min=1,
                     max=256,
                     tooltip="Images per step (one bucket per batch).",
                 ),
                 io.Int.Input(
                     "gradient_accumulation_steps",
-                    default=1,
+                    default=_TRAIN.gradient_accumulation_steps,
                     min=1,
                     max=256,
                     tooltip="Batches accumulated per optimiser step.",
                 ),
                 io.Boolean.Input(
-                    "gradient_checkpointing", default=False, tooltip="Save memory for ~30% more time."
+                    "gradient_checkpointing",
+                    default=_TRAIN.gradient_checkpointing,
+                    tooltip="Save memory for ~30% more time.",
                 ),
                 io.Int.Input(
                     "seed",
-                    default=42,
+                    default=_TRAIN.seed,
                     min=0,
                     max=2**63 - 1,
                     # No randomize-after-queue widget: a new seed would retrain on every queue.
@@ -150,7 +160,8 @@ class TrainLoRA(io.ComfyNode):
                 LoraNetwork.Input(
                     "network",
                     optional=True,
-                    tooltip="From Configure Network (default: rank 16, alpha 8, UNet only).",
+                    tooltip=f"From Configure Network (default: rank {_NETWORK.network_dim}, "
+                    f"alpha {_NETWORK.network_alpha:g}, text encoder trained too, as kohya).",
                 ),
                 LoraOptimizer.Input(
                     "optimizer",
@@ -218,7 +229,7 @@ class TrainLoRA(io.ComfyNode):
                 mixed_precision=_mixed_precision(model),
                 save_state_every_n_steps=save_state_every_n_steps,
             ),
-            network=network or NetworkConfig(network_dim=16, network_alpha=8.0, train_text_encoder=False),
+            network=network or NetworkConfig(),
             optimizer=optimizer.optimizer,
             noise=noise.noise if noise else NoiseConfig(),
             loss=noise.loss if noise else LossConfig(),
@@ -231,26 +242,37 @@ class TrainLoRA(io.ComfyNode):
             raise ConfigError(
                 "Train LoRA: sample_prompts need the VAE input connected (to decode the samples)"
             )
-        node_id = cls.hidden.unique_id if cls.hidden else None
+        save_path = lora_save_path(loras_dir(), lora_name)  # a plain name inside models/loras
+        cfg = RunConfig(
+            model=None,
+            dataset=latents.buckets.data.config,
+            buckets=latents.buckets.plan.config,
+            cache=dataclasses.replace(
+                latents.cache, text_encoder_outputs="ram" if cache_text_encoder_outputs else "none"
+            ),
+            output=OutputConfig(
+                output_dir=save_path.parent,
+                output_name=save_path.stem,
+                save_precision=save_precision,
+                overwrite=overwrite,
+                state_dir=states_dir(),
+            ),
+            recipe=recipe,
+            stages=tuple(stages or ()),
+        )
+        resume = (
+            None if resume_from == NO_STATE else load_training_state(state_folder(states_dir(), resume_from))
+        )
         sampler = ComfySampleCallback(model, clip, vae, prompts, sample_every_n_steps, seed)
-        save_path = free_save_path(lora_name, overwrite)
         trained, model_out, clip_out = train_lora_in_comfy(
-            model,
-            clip,
-            latents,
-            recipe,
-            save_path,
-            save_precision,
-            node_id,
-            also_on_step=[sampler],
-            cache_text=cache_text_encoder_outputs,
-            resume=None if resume_from == NO_STATE else state_folder(states_dir(), resume_from),
-            states_dir=states_dir(),
-            stages=stages or (),
-            vae=vae,
+            ComfyInputs(model, clip, latents, vae),
+            cfg,
+            cls.hidden.unique_id if cls.hidden else None,
+            sampler=sampler,
+            resume=resume,
         )
         grid = sampler.grid() or render_loss_plot([], title="no sample prompts given")
-        return io.NodeOutput(model_out, clip_out, trained, str(save_path), _image_tensor(grid))
+        return io.NodeOutput(model_out, clip_out, trained, str(trained.path), _image_tensor(grid))
 
 
 def _image_tensor(picture) -> torch.Tensor:

@@ -13,8 +13,8 @@ from comfy_api.v0_0_2 import io
 
 from ..lora_train_core.data.buckets import BucketPlan
 from ..lora_train_core.data.captions import CaptionConfig
-from ..lora_train_core.data.dataset import Dataset
-from ..lora_train_core.data.latent_cache import CachedLatents, OnTheFlyLatents
+from ..lora_train_core.data.dataset import Dataset, DatasetConfig
+from ..lora_train_core.data.latent_cache import CacheConfig, CachedLatents, OnTheFlyLatents
 from ..lora_train_core.objective.loss import LossConfig
 from ..lora_train_core.objective.noise import NoiseConfig
 from ..lora_train_core.optim.ema import EMAConfig
@@ -38,6 +38,7 @@ CATEGORY = "LoRA Training"
 class DatasetValue:
     dataset: Dataset
     captions: CaptionConfig
+    config: DatasetConfig  # what `dataset` was loaded from
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,7 @@ class BucketsValue:
 class LatentsValue:
     buckets: BucketsValue
     latents: CachedLatents | OnTheFlyLatents
+    cache: CacheConfig  # how they were made; training stages make theirs the same way
 
 
 @dataclass(frozen=True)
@@ -69,4 +71,4 @@ class OptimizerValue:
 class TrainedValue:
     trained: TrainedLora
     metadata: dict[str, str]
-    saved_path: Path | None
+    path: Path  # the saved LoRA

@@ -81,7 +81,10 @@ def test_list_keys_documents_every_section(capsys):
         ('[network]\nnetwork_dim = "eight"\n', "network.network_dim: 'eight' is not a whole number"),
         ("[noisy]\nx = 1\n", "unknown section [noisy]; did you mean 'noise'?"),
         ("[speed]\ncuda_graph = true\n", "speed.cuda_graph: needs a CUDA device; this run is on cpu"),
-        ("[speed]\nfp8_base = true\n", "speed.fp8_base: needs train.mixed_precision 'bf16' or 'fp16'"),
+        (
+            "[speed]\nfp8_base = true\n",
+            "speed.fp8_base: float8 weights are cast where used by mixed precision",
+        ),
         ('[speed]\ncompile_blocks = "unet"\n', "speed.compile_blocks"),
     ],
 )

@@ -81,7 +81,7 @@ def test_the_speed_section_is_read_from_toml(tmp_path):
 
 def test_cuda_graph_on_the_cpu_is_refused(sd15_backend):
     with pytest.raises(ConfigError, match=r"speed\.cuda_graph: needs a CUDA device; this run is on cpu"):
-        check_speed(_recipe(SpeedConfig(cuda_graph=True)), sd15_backend)
+        check_speed(_recipe(SpeedConfig(cuda_graph=True)), sd15_backend.device, False)
 
 
 @pytest.mark.parametrize(
@@ -97,18 +97,18 @@ def test_cuda_graph_refuses_what_it_cannot_record(sd15_backend, change, named):
     recipe = dataclasses.replace(_recipe(SpeedConfig(cuda_graph=True)), **change)
     sd15_backend.device = torch.device("cuda")  # only its type is read: no GPU needed to refuse
     with pytest.raises(ConfigError, match=f"speed.cuda_graph with {named}.* is not implemented yet"):
-        check_speed(recipe, sd15_backend)
+        check_speed(recipe, sd15_backend.device, False)
 
 
 def test_cuda_graph_refuses_multi_process_runs(sd15_backend):
     sd15_backend.device = torch.device("cuda")
     with pytest.raises(ConfigError, match="multi-process training is not implemented yet"):
-        check_speed(_recipe(SpeedConfig(cuda_graph=True)), sd15_backend, world_size=2)
+        check_speed(_recipe(SpeedConfig(cuda_graph=True)), sd15_backend.device, False, world_size=2)
 
 
 def test_fp8_base_must_match_how_the_model_was_loaded(sd15_backend):
     with pytest.raises(ConfigError, match=r"speed\.fp8_base = true, but the model was loaded without"):
-        check_speed(_recipe(SpeedConfig(fp8_base=True), mixed_precision="bf16"), sd15_backend)
+        check_speed(_recipe(SpeedConfig(fp8_base=True), mixed_precision="bf16"), sd15_backend.device, False)
 
 
 def test_fp8_base_needs_mixed_precision():

@@ -69,6 +69,13 @@ def check_cacheable(mode: str, random_crop: bool) -> None:
         )
 
 
+def check_cacheable_across_processes(mode: str, world_size: int) -> None:
+    if world_size > 1 and mode == "none":
+        raise ConfigError(
+            "cache.mode: 'none' is not implemented yet for multi-process training; use 'ram' or 'disk'"
+        )
+
+
 def file_digest(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -84,6 +91,18 @@ def weights_fingerprint(state_dict: dict[str, torch.Tensor]) -> str:
     for name, tensor in sorted(state_dict.items()):
         digest.update(name.encode())
         digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def sampled_fingerprint(state_dict: dict[str, torch.Tensor], samples: int = 4096) -> str:
+    """SHA-256 over each tensor's name, shape, dtype and `samples` values at a fixed stride:
+    identifies a multi-GB model in a second, where hashing every value would take minutes."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(state_dict.items()):
+        flat = tensor.detach().reshape(-1)
+        stride = max(1, flat.numel() // samples)
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        digest.update(flat[::stride][:samples].to("cpu", torch.float32).numpy().tobytes())
     return digest.hexdigest()
 
 

@@ -191,6 +191,13 @@ def static_captions(dataset: Dataset, recipe: TrainingRecipe) -> list[str]:
     ]
 
 
+def text_cache_dir(cache_cfg: CacheConfig, dataset: Dataset) -> Path:
+    """`<cache.cache_dir>/text_encoder_outputs`, by default `<dataset>/.text_encoder_cache`."""
+    if cache_cfg.cache_dir is not None:
+        return cache_cfg.cache_dir / "text_encoder_outputs"
+    return dataset.root / ".text_encoder_cache"
+
+
 def maybe_cache_text(
     backend: Backend, dataset: Dataset, cache_cfg: CacheConfig, recipe: TrainingRecipe
 ) -> Backend:
@@ -212,8 +219,7 @@ def maybe_cache_text(
                 "cache.text_encoder_outputs: 'disk' needs to identify the text encoders, and this "
                 "backend cannot; use 'ram'"
             )
-        default_dir = dataset.root / ".text_encoder_cache"
-        cache_dir = cache_cfg.cache_dir / "text_encoder_outputs" if cache_cfg.cache_dir else default_dir
+        cache_dir = text_cache_dir(cache_cfg, dataset)
     cached = CachedTextEncoder(backend, cache_dir, fingerprint)
     cached.prefill(static_captions(dataset, recipe))
     return cached

@@ -45,6 +45,21 @@ class TextConditioning:
         return TextConditioning(torch.cat([p.hidden for p in parts]), pooled)
 
 
+@dataclass(frozen=True)
+class ModelFacts:
+    """What the checks before training need to know of a model; known before its weights load
+    (the CLI reads them from the config and the model's layout, ComfyUI from the loaded MODEL)."""
+
+    family: str
+    prediction_type: str
+    device: torch.device
+    fp8_base: bool = False  # the denoiser's weights are stored in float8
+
+    @classmethod
+    def of(cls, backend: Backend) -> ModelFacts:
+        return cls(backend.family, backend.prediction_type, backend.device, backend.fp8_base)
+
+
 class Backend(Protocol):
     """What `train()` needs from a model family (see DESIGN.md, "The backend protocol")."""
 

@@ -17,10 +17,10 @@ import torch.utils.checkpoint
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from torch import nn
 
-from ..data.latent_cache import weights_fingerprint
+from ..data.latent_cache import sampled_fingerprint, weights_fingerprint
 from ..errors import ConfigError, ModelError, check_choice
 from ..run.speed import store_in_fp8
-from .backend import TextConditioning
+from .backend import ModelFacts, TextConditioning
 from .kohya_keys import LoraTarget, text_encoder_targets, unet_targets
 
 FAMILIES = ("sd15", "sdxl")
@@ -67,6 +67,7 @@ class DiffusersBackend:
         device: torch.device | str = "cpu",
         weight_dtype: torch.dtype = torch.float32,
         fp8_unet: bool = False,
+        name: str = "in-memory",
     ):
         """weight_dtype: the frozen weights' and the UNet inputs' dtype (the mixed-precision dtype).
         fp8_unet: store the UNet's weights as float8 instead (speed.fp8_base); they are cast to
@@ -90,13 +91,20 @@ class DiffusersBackend:
                     "speed.fp8_base: needs train.mixed_precision 'bf16' or 'fp16' to compute in"
                 )
             self.unet = store_in_fp8(self.unet)
-        self.fp8_unet = fp8_unet
+        self.fp8_unet = self.fp8_base = fp8_unet
         self.text_encoders = [_place(te, self.device, weight_dtype) for te in text_encoders]
         self.tokenizers = list(tokenizers)
         self.alphas_cumprod = kohya_alphas_cumprod().to(self.device)
         self.latent_downscale = 2 ** (len(vae.config.block_out_channels) - 1)
         self.base_model_version = BASE_MODEL_VERSION[family]
         self.modelspec_architecture = MODELSPEC_ARCHITECTURE[family]
+        self.base_model_name = name
+
+    def base_model_fingerprint(self) -> str:
+        return sampled_fingerprint(self.unet.state_dict())
+
+    def parkable_modules(self, latents_cached: bool, text_cached: bool) -> list[nn.Module]:
+        return ([self.vae] if latents_cached else []) + (list(self.text_encoders) if text_cached else [])
 
     @cached_property
     def fingerprint(self) -> str:
@@ -200,13 +208,14 @@ def detect_family(path: Path) -> str:
     return "sdxl" if any(k.startswith("conditioner.embedders.1.") for k in keys) else "sd15"
 
 
-def load_diffusers_backend(
-    cfg: ModelConfig,
-    device: torch.device | str = "cpu",
-    weight_dtype: torch.dtype = torch.float32,
-    fp8_unet: bool = False,
-) -> DiffusersBackend:
-    """Load a base model from a diffusers folder or a single .safetensors checkpoint."""
+def model_facts(cfg: ModelConfig, device: torch.device, fp8_base: bool = False) -> ModelFacts:
+    """What the checks before training need of the model in `cfg`, read without loading it."""
+    family = _checked_family(cfg)
+    prediction_type = "v_prediction" if cfg.v_parameterization else "epsilon"
+    return ModelFacts(family, prediction_type, torch.device(device), fp8_base)
+
+
+def _checked_family(cfg: ModelConfig) -> str:
     path = cfg.path
     if not path.exists():
         raise ModelError(
@@ -218,6 +227,18 @@ def load_diffusers_backend(
         raise ModelError(
             f"model.path: {str(path)!r} is an {family} model, but model.family is {cfg.family!r}"
         )
+    return family
+
+
+def load_diffusers_backend(
+    cfg: ModelConfig,
+    device: torch.device | str = "cpu",
+    weight_dtype: torch.dtype = torch.float32,
+    fp8_unet: bool = False,
+) -> DiffusersBackend:
+    """Load a base model from a diffusers folder or a single .safetensors checkpoint."""
+    path = cfg.path
+    family = _checked_family(cfg)
     parts = _load_folder(path, family) if path.is_dir() else _load_single_file(path, family)
     prediction_type = "v_prediction" if cfg.v_parameterization else "epsilon"
     return DiffusersBackend(
@@ -227,6 +248,7 @@ def load_diffusers_backend(
         device=device,
         weight_dtype=weight_dtype,
         fp8_unet=fp8_unet,
+        name=path.name,
     )
 
 

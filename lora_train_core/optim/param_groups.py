@@ -155,6 +155,22 @@ def build_param_groups(
     return sorted(kept, key=_group_order)
 
 
+def check_something_trains(opt: OptimizerConfig, net, blocks: BlockWeights | None, family: str) -> None:
+    """ConfigError when every part the network trains has learning rate 0 (build_param_groups would
+    make no group); asked before the model loads, from the configs alone."""
+    unet_lr = opt.unet_lr if opt.unet_lr is not None else opt.learning_rate
+    if blocks is not None and blocks.is_set:
+        unet_lr *= max(lr_weight_per_block(blocks, family))
+    te_lrs = opt.text_encoder_lr if opt.text_encoder_lr is not None else (opt.learning_rate,)
+    if (net.train_unet and unet_lr > 0) or (net.train_text_encoder and max(te_lrs) > 0):
+        return
+    raise ConfigError(
+        "optimizer: nothing would train: every learning rate of the parts network trains "
+        f"(unet: {net.train_unet}, text encoder: {net.train_text_encoder}) is 0 or weighted to 0; "
+        "set optimizer.learning_rate (1e-4 is typical for LoRA)"
+    )
+
+
 def set_text_encoder_trainable(param_groups: list[dict], trainable: bool) -> None:
     """Freeze or unfreeze the text-encoder groups (stop_text_encoder_training).
 

@@ -54,9 +54,7 @@ def save_lora(
     if path.suffix != ".safetensors":
         raise ConfigError(f"output: {str(path)!r} must end in .safetensors")
     if path.exists() and not overwrite:
-        raise ConfigError(
-            f"output: {path!s} already exists; choose another output.name or set output.overwrite = true"
-        )
+        raise ConfigError(f"{path!s} already exists; choose another name, or allow overwriting it")
     bad = [k for k, v in metadata.items() if not isinstance(v, str)]
     if bad:
         raise TypeError(f"safetensors metadata values must be strings: {bad}")

@@ -1,12 +1,16 @@
-"""One training run from a RunConfig: the path shared by the CLI and the demo.
+"""One training run, the same for both doors: stages, saves, states, stops and metadata.
 
-load dataset → buckets → latents → train → save, once per `[[stages]]` entry
-(each stage continuing the previous stage's LoRA). Step callbacks, validation
-samples (`[samples]`) and intermediate saves (`output.save_every_n_steps`)
-count steps across stages. Training states go to
-`<output_dir>/state/<name>-step<N>/` every train.save_state_every_n_steps
-steps. A run that stops early (cancel, error) still saves what it trained, as
-`<name>-partial.safetensors`, and its state, to resume from.
+`prepare_run` (preflight.py) checks a run before the model loads; `run_training` executes
+it: per stage, latents → `train()` → the LoRA and its EMA carried into the next stage, step
+callbacks counting steps across stages. Intermediate files (`output.save_every_n_steps`, the
+newest `output.save_last_n_saves` kept, also across resumes) and training states
+(`<state_dir>/<name>-step<N>/`) are written as it goes. A run that stops (cancel, NaN, error)
+keeps `<name>-partial.safetensors` and the state to resume from, even in a later stage. The
+final file goes where the plan says; if that folder refuses the write, the LoRA goes to the
+states folder or the temp folder and the run ends with a message naming it (SavedElsewhere).
+
+A door supplies the backend, its step callbacks (progress, Cancel, samples of its own) and,
+in ComfyUI, the latents its Cache Latents node made; everything else happens here.
 """
 
 from __future__ import annotations
@@ -18,39 +22,34 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import OutputConfig, RunConfig
-from ..data.buckets import bucket_report, plan_buckets
+from ..config import RunConfig
+from ..data.buckets import bucket_report
 from ..data.dataset import Dataset, load_dataset
-from ..data.latent_cache import OnTheFlyLatents, build_latents
-from ..data.text_cache import CachedTextEncoder, maybe_cache_text
-from ..errors import ConfigError
-from ..model.backend import Backend
+from ..data.latent_cache import CachedLatents, OnTheFlyLatents, build_latents
+from ..data.text_cache import maybe_cache_text
+from ..errors import LoraTrainError
+from ..model.backend import Backend, ModelFacts
 from ..outputs.export import next_free_path, save_dtype, save_lora
 from ..outputs.metadata import run_metadata
 from ..outputs.sampling import SampleWriter
 from .distributed import DataParallel
-from .intermediate_saves import IntermediateSaver
 from .parking import Parking
-from .stages import (
-    StageConfig,
-    StepOffset,
-    check_stages,
-    stage_buckets,
-    stage_recipe,
-    stage_record,
-    stages_metadata,
-)
+from .preflight import RunPlan, Stage, prepare_run
+from .saves import IntermediateSaver, SavedElsewhere, fallback_message, save_with_fallback
+from .stages import StepOffset, stage_record, stages_metadata
 from .state import TrainingState
 from .state_files import StateWriter
-from .train import StepCallback, TrainedLora, TrainingStopped, total_optimizer_steps, train
+from .train import StartFrom, StepCallback, TrainedLora, TrainingStopped, train
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class RunResult:
-    path: Path
-    trained: TrainedLora
+    path: Path  # the LoRA file
+    trained: TrainedLora  # the last stage's result; `losses` holds the whole run's
+    metadata: dict[str, str]  # the saved file's
+    ema_path: Path | None = None
 
 
 def run_training(
@@ -60,187 +59,209 @@ def run_training(
     say: Callable[[str], None] = print,
     resume: TrainingState | None = None,
     dataset: Dataset | None = None,
+    latents: CachedLatents | OnTheFlyLatents | None = None,
+    plan: RunPlan | None = None,
 ) -> RunResult:
     """Train per `cfg` on `backend` (stage by stage if `cfg.stages`) and save the LoRA.
 
-    resume: a state to continue from (state_files.load_training_state). dataset: the loaded
-    `cfg.dataset`, when the caller checked it before loading the model.
+    plan: the caller's `prepare_run` result, when it checked the run before loading the model
+    (else it is made here). resume: a state to continue from (state_files.load_training_state).
+    dataset: the loaded `cfg.dataset`. latents: the caller's latents for a run without stages.
+    Raises TrainingStopped (after saving the partial LoRA) when training stops early, and
+    SavedElsewhere when the LoRA had to be written to a fallback path.
     """
-    if cfg.output.path.exists() and not cfg.output.overwrite:
-        raise ConfigError(
-            f"output: {cfg.output.path} already exists; choose another output.output_name "
-            "or set output.overwrite = true"
-        )
-    check_stages(cfg.stages, cfg.recipe, resume is not None)
     dist = DataParallel.from_environment()
     if not dist.is_main:  # only rank 0 prints and writes
         say, on_step = _quiet, None
-    dataset = dataset or load_dataset(cfg.dataset)
-    backend = maybe_cache_text(backend, dataset, cfg.cache, cfg.recipe)
-    cfg = _with_lr_rule(cfg, dist.world_size)
-    stages = [_Stage(cfg, dataset, stage, dist.world_size) for stage in (cfg.stages or (None,))]
-    say(_batch_report(cfg, dist, stages[0].total_batch))
-    if resume is not None:
-        say(f"resuming after step {resume.step} (epoch {resume.epoch})")
-    run = _Run(cfg, backend, dataset, dist, on_step, say, total=sum(s.total for s in stages))
-    for stage in stages:
-        trained = run.train_stage(stage, resume)
-    if not dist.is_main:
-        return RunResult(cfg.output.path, trained)
-    path = run.save(cfg.output.path, trained, stage, overwrite=cfg.output.overwrite)
-    if trained.ema is not None:
-        ema_path = path.with_name(f"{path.stem}_ema.safetensors")
-        run.save(ema_path, trained, stage, overwrite=cfg.output.overwrite, use_ema=True)
-        say(f"EMA weights saved to {ema_path}")
-    return RunResult(path, trained)
-
-
-def _batch_report(cfg: RunConfig, dist: DataParallel, total_batch: int) -> str:
-    train_cfg = cfg.recipe.train
-    lr_rule = (
-        f"x {dist.world_size} (train.scale_lr_by_processes)"
-        if train_cfg.scale_lr_by_processes and dist.world_size > 1
-        else "as given (not scaled with the batch)"
-    )
-    return (
-        f"effective batch: {train_cfg.train_batch_size} per process x {dist.world_size} process(es) x "
-        f"{train_cfg.gradient_accumulation_steps} accumulation = {total_batch}; learning rate {lr_rule}"
-    )
+    if plan is None:
+        dataset = dataset or load_dataset(cfg.dataset)
+        plan = prepare_run(cfg, dataset, ModelFacts.of(backend), resume, dist.world_size)
+    return _Run(plan, backend, dist, on_step, say).execute(latents)
 
 
 class _Run:
-    """What the stages of one run share: output writers, the LoRA carried over, the step count."""
+    """What the stages of one run share: the writers, the losses so far, the metadata's model hash."""
 
-    def __init__(
-        self, cfg: RunConfig, backend: Backend, dataset: Dataset, dist: DataParallel, on_step, say, total: int
-    ):
-        self.cfg, self.backend, self.dataset, self.dist, self.say = cfg, backend, dataset, dist, say
-        out = cfg.output
-        self.states = StateWriter(
-            out.output_dir / "state", out.output_name, cfg.recipe.train.save_last_n_states
+    def __init__(self, plan: RunPlan, backend: Backend, dist: DataParallel, on_step, say):
+        self.plan, self.dist, self.say, self.on_step = plan, dist, say, on_step
+        cfg, out = plan.cfg, plan.cfg.output
+        self.backend = maybe_cache_text(backend, plan.dataset, cfg.cache, cfg.recipe)
+        self.states = StateWriter(plan.states_dir, plan.name, cfg.recipe.train.save_last_n_states)
+        resumed_at = (
+            None if plan.resume is None else plan.steps_before(self._first_stage()) + plan.resume.step
         )
-        samples = SampleWriter(backend, cfg.samples, out.output_dir, out.output_name)
-        self.writers = [on_step, samples] if dist.is_main else []
-        self.total, self.done, self.weights, self.records, self.losses = total, 0, None, [], []
-
-    def train_stage(self, stage: _Stage, resume: TrainingState | None) -> TrainedLora:
-        cfg, dist = self.cfg, self.dist
-        self.say(bucket_report(stage.plan))
-        t0 = time.time()
-        with dist.main_first():  # rank 0 fills a disk cache; the others then read it
-            latents = build_latents(self.dataset, stage.plan, self.backend, cfg.cache)
-        self.say(f"latents ready ({cfg.cache.mode}) in {time.time() - t0:.1f}s")
-        out = cfg.output
-        saver = IntermediateSaver(
+        self.intermediate = IntermediateSaver(
             out.output_dir,
-            out.output_name,
+            plan.name,
             out.save_every_n_steps,
             out.save_last_n_saves,
-            lambda path, run: self.save(path, run, stage),
+            lambda path, trained: self.save(path, trained, self.stage),
+            resumed_at,
         )
-        parking = Parking(self._idle_modules(latents), self.backend.device)
+        self.samples = SampleWriter(self.backend, cfg.samples, out.output_dir, plan.name)
+        self.earlier_losses = list(plan.resume.earlier_losses) if plan.resume else []
+        self.records = []  # ss_stages: one record per completed stage
+        self.stage = self._first_stage()
+        self._model_hash: str | None = None
+
+    def _first_stage(self) -> Stage:
+        return self.plan.stages[self.plan.resume.stage if self.plan.resume else 0]
+
+    def execute(self, latents) -> RunResult:
+        plan = self.plan
+        first = self._first_stage()
+        self.say(_batch_report(plan, first))
+        if plan.resume is not None:
+            self.say(f"resuming after step {plan.steps_before(first) + plan.resume.step}")
+        self.records = [_record(s, s.total_steps) for s in plan.stages[: first.index] if s.config]
+        start = StartFrom(steps_before=plan.steps_before(first))
+        for stage in plan.stages[first.index :]:
+            self.stage = stage
+            resume = plan.resume if stage is first else None
+            trained = self.train_stage(stage, start, resume, latents if stage.config is None else None)
+            ema = trained.ema.state_dict() if trained.ema is not None else None
+            start = StartFrom(trained.network.kohya_state_dict(), ema, start.steps_before + trained.steps)
+        return self.finish(trained)
+
+    def train_stage(self, stage: Stage, start: StartFrom, resume, latents) -> TrainedLora:
+        cfg, dist, backend = self.plan.cfg, self.dist, self.backend
+        self.say(bucket_report(stage.plan))
+        if latents is None:
+            t0 = time.time()
+            with dist.main_first():  # rank 0 fills a disk cache; the others then read it
+                latents = build_latents(self.plan.dataset, stage.plan, backend, cfg.cache)
+            self.say(f"latents ready ({cfg.cache.mode}) in {time.time() - t0:.1f}s")
+        idle = backend.parkable_modules(
+            latents_cached=not isinstance(latents, OnTheFlyLatents),
+            text_cached=cfg.cache.text_encoder_outputs != "none",
+        )
+        parking = Parking(idle, backend.device)
         # a validation sample calls the parked modules back; they go back to the CPU after it
-        writers = [*self.writers, saver, lambda _report: parking.park()] if dist.is_main else []
-        callbacks = StepOffset(writers, self.done, self.total)
-        states = self.states if dist.is_main else _quiet
+        writers = [self.on_step, self.samples, self.intermediate, lambda _report: parking.park()]
+        callbacks = StepOffset(writers if dist.is_main else [], start.steps_before, self.plan.total_steps)
+        save_state = self._periodic_state if dist.is_main else _quiet
         try:
             with parking:
                 trained = train(
-                    self.backend,
-                    self.dataset,
-                    stage.plan,
-                    latents,
-                    stage.recipe,
-                    callbacks,
-                    resume,
-                    states,
-                    self.weights,
-                    dist,
-                )
+                    backend, self.plan.dataset, stage.plan, latents, stage.recipe,
+                    callbacks, resume, save_state, start, dist,
+                )  # fmt: skip
         except TrainingStopped as stop:
             if dist.is_main:
-                self.keep_stopped(stop, stage)
+                self.keep_stopped(stop, start.steps_before)
             raise
-        self.done += trained.steps
-        self.weights = trained.network.kohya_state_dict()
-        self.losses += trained.losses
-        trained.losses = list(self.losses)  # the whole run's curve, across stages
         if stage.config is not None:
-            self.records.append(stage_record(stage.config, stage.recipe, trained.steps))
+            self.records.append(_record(stage, trained.steps))
+        self.earlier_losses += trained.losses
+        trained.losses = list(self.earlier_losses)  # the whole run's curve, across stages
         return trained
 
-    def _idle_modules(self, latents) -> list:
-        """What the steps never call: the VAE once latents are cached, the text encoders once their
-        outputs are (run_training's backends are DiffusersBackends, maybe in a CachedTextEncoder)."""
-        idle = [] if isinstance(latents, OnTheFlyLatents) else [self.backend.vae]
-        if isinstance(self.backend, CachedTextEncoder):
-            idle += self.backend.text_encoders
-        return idle
+    # --- states -------------------------------------------------------------------------------
+    def _save_state(self, state: TrainingState) -> Path:
+        """Write `state`, stamped with its stage, under the run's overall step count."""
+        stamped = dataclasses.replace(state, stage=self.stage.index, earlier_losses=list(self.earlier_losses))
+        return self.states(stamped, step=self.plan.steps_before(self.stage) + state.step)
 
-    def keep_stopped(self, stop: TrainingStopped, stage: _Stage) -> None:
-        """A stopped run keeps a partial LoRA and its state; a failed save is logged, not raised."""
-        out = self.cfg.output
-        if stop.partial.steps > 0:
-            partial = next_free_path(out.output_dir / f"{out.output_name}-partial.safetensors")
+    def _periodic_state(self, state: TrainingState) -> None:
+        try:
+            self._save_state(state)
+        except OSError as exc:  # a state is a convenience; the run it would resume goes on
+            log.error("could not save the training state of step %d: %s; training goes on", state.step, exc)
+
+    def keep_stopped(self, stop: TrainingStopped, steps_before: int) -> None:
+        """A stopped run keeps a partial LoRA and its state; nothing here raises."""
+        out, steps = self.plan.cfg.output, steps_before + stop.partial.steps
+        if steps > 0:
+            partial = next_free_path(out.output_dir / f"{self.plan.name}-partial.safetensors")
             try:
-                self.save(partial, stop.partial, stage)
-                self.say(f"training stopped after step {stop.partial.steps}; partial LoRA saved to {partial}")
-            except OSError as exc:
-                log.error("could not save the partial LoRA to %s: %s", partial, exc)
+                saved, error = save_with_fallback(
+                    lambda path: self.save(path, stop.partial, self.stage), partial, self.plan.fallback_dirs
+                )
+                if error is not None:
+                    self.say(fallback_message(partial, saved, error))
+                self.say(f"training stopped after step {steps}; partial LoRA saved to {saved}")
+            except LoraTrainError as exc:
+                log.error("%s", exc)
         if stop.state is not None:
             try:
-                self.say(f"training state saved to {self.states(stop.state)}; resume from it to continue")
+                folder = self._save_state(stop.state)
+                self.say(f"training state saved to {folder}; resume from it to continue")
             except OSError as exc:
                 log.error("could not save the training state: %s", exc)
 
-    def save(
-        self, path: Path, trained: TrainedLora, stage: _Stage, overwrite: bool = False, use_ema: bool = False
-    ) -> Path:
-        """Save with kohya metadata; a multi-stage run records its stages and total steps."""
-        cfg, backend = self.cfg, self.backend
-        model_name = cfg.model.path.name if cfg.model else "in-memory"
-        metadata = run_metadata(
-            stage.recipe, backend, stage.dataset, stage.plan, trained, cfg.output.output_name, model_name
+    # --- files --------------------------------------------------------------------------------
+    def finish(self, trained: TrainedLora) -> RunResult:
+        """The final file (and the EMA file), each falling back if its folder refuses the write."""
+        if not self.dist.is_main:
+            return RunResult(self.plan.lora_path, trained, {})
+        fell_back = []
+        path, error = save_with_fallback(
+            lambda p: self.save(p, trained, self.stage), self._final_path(), self.plan.fallback_dirs
         )
-        metadata["ss_ema_weights"] = str(use_ema)
-        metadata.update(stages_metadata(self.records))
-        metadata["ss_num_processes"] = str(stage.world_size)
-        metadata["ss_total_batch_size"] = str(stage.total_batch)
-        dtype = save_dtype(cfg.output.save_precision)
-        return save_lora(path, trained.kohya_state_dict(use_ema), metadata, dtype, overwrite=overwrite)
+        if error is not None:
+            fell_back.append(fallback_message(self.plan.lora_path, path, error))
+        ema_path = None
+        if trained.ema is not None:
+            wanted = path.with_name(f"{path.stem}_ema.safetensors")
+            ema_path, error = save_with_fallback(
+                lambda p: self.save(p, trained, self.stage, use_ema=True), wanted, self.plan.fallback_dirs
+            )
+            if error is not None:
+                fell_back.append(fallback_message(wanted, ema_path, error))
+            self.say(f"EMA weights saved to {ema_path}")
+        if fell_back:
+            raise SavedElsewhere("; ".join(fell_back))
+        return RunResult(path, trained, self.metadata(trained, self.stage), ema_path)
+
+    def _final_path(self) -> Path:
+        """The planned path, unless another file took that name during the run (and no overwrite)."""
+        path = self.plan.lora_path
+        if path.exists() and not self.plan.cfg.output.overwrite:
+            return next_free_path(path)
+        return path
+
+    def save(self, path: Path, trained: TrainedLora, stage: Stage, use_ema: bool = False) -> Path:
+        metadata = self.metadata(trained, stage, use_ema)
+        dtype = save_dtype(self.plan.cfg.output.save_precision)
+        return save_lora(path, trained.kohya_state_dict(use_ema), metadata, dtype, overwrite=True)
+
+    def metadata(self, trained: TrainedLora, stage: Stage, use_ema: bool = False) -> dict[str, str]:
+        """kohya's record of the run, with the steps counted over the whole run."""
+        backend, plan = self.backend, self.plan
+        if self._model_hash is None:
+            self._model_hash = backend.base_model_fingerprint()
+        meta = run_metadata(
+            stage.recipe, backend, plan.dataset, stage.plan, trained, plan.name, backend.base_model_name
+        )
+        meta.update(stages_metadata(self.records))
+        meta["ss_steps"] = str(plan.steps_before(stage) + trained.steps)
+        meta["ss_max_train_steps"] = str(plan.total_steps)
+        meta["ss_new_sd_model_hash"] = self._model_hash
+        meta["ss_ema_weights"] = str(use_ema)
+        meta["ss_num_processes"] = str(plan.world_size)
+        meta["ss_total_batch_size"] = str(stage.total_batch)
+        return meta
 
 
-def _with_lr_rule(cfg: RunConfig, world_size: int) -> RunConfig:
-    """train.scale_lr_by_processes: every learning rate x the number of processes (linear scaling)."""
-    if not cfg.recipe.train.scale_lr_by_processes or world_size == 1:
-        return cfg
-    opt = cfg.recipe.optimizer
-    scaled = dataclasses.replace(
-        opt,
-        learning_rate=opt.learning_rate * world_size,
-        unet_lr=None if opt.unet_lr is None else opt.unet_lr * world_size,
-        text_encoder_lr=None
-        if opt.text_encoder_lr is None
-        else tuple(lr * world_size for lr in opt.text_encoder_lr),
+def _record(stage: Stage, steps: int) -> dict:
+    return stage_record(stage.config, stage.recipe, steps)
+
+
+def _batch_report(plan: RunPlan, stage: Stage) -> str:
+    train_cfg, n = stage.recipe.train, plan.world_size
+    lr_rule = (
+        f"x {n} (train.scale_lr_by_processes)"
+        if train_cfg.scale_lr_by_processes and n > 1
+        else "as given (not scaled with the batch)"
     )
-    return dataclasses.replace(cfg, recipe=dataclasses.replace(cfg.recipe, optimizer=scaled))
+    return (
+        f"effective batch: {train_cfg.train_batch_size} per process x {n} process(es) x "
+        f"{train_cfg.gradient_accumulation_steps} accumulation = {stage.total_batch}; learning rate {lr_rule}"
+    )
 
 
 def _quiet(*_args) -> None:
     """Stands in for printing and writing on ranks other than 0."""
 
 
-class _Stage:
-    """A stage's bucket plan and recipe (the whole run is one stage without `[[stages]]`)."""
-
-    def __init__(self, cfg: RunConfig, dataset: Dataset, config: StageConfig | None, world_size: int = 1):
-        self.config, self.dataset, self.world_size = config, dataset, world_size
-        buckets = stage_buckets(cfg.buckets, config) if config else cfg.buckets
-        self.recipe = stage_recipe(cfg.recipe, config) if config else cfg.recipe
-        self.plan = plan_buckets(dataset.images, buckets)
-        self.total = total_optimizer_steps(self.plan, self.recipe.train, world_size)[0]
-        train_cfg = self.recipe.train
-        self.total_batch = train_cfg.train_batch_size * world_size * train_cfg.gradient_accumulation_steps
-
-
-__all__ = ["OutputConfig", "RunResult", "run_training"]
+__all__ = ["RunResult", "run_training"]

@@ -51,10 +51,13 @@ class SpeedConfig:
         check_choice("speed.compile_blocks", self.compile_blocks, COMPILE_BLOCKS)
 
 
-def check_speed(recipe, backend, world_size: int = 1) -> None:
-    """Refuse [speed] settings this run cannot honour, naming the setting that conflicts."""
-    speed, train, net, device = recipe.speed, recipe.train, recipe.network, backend.device
-    if speed.fp8_base != getattr(backend, "fp8_unet", False):
+def check_speed(recipe, device: torch.device, fp8_base: bool, world_size: int = 1) -> None:
+    """Refuse [speed] settings this run cannot honour, naming the setting that conflicts.
+
+    device: where the run trains; fp8_base: whether the model's weights are stored in float8.
+    """
+    speed, train, net = recipe.speed, recipe.train, recipe.network
+    if speed.fp8_base != fp8_base:
         raise ConfigError(
             f"speed.fp8_base = {str(speed.fp8_base).lower()}, but the model was loaded "
             f"{'without' if speed.fp8_base else 'with'} float8 weights; the CLI loads it as the "

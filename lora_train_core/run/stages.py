@@ -57,17 +57,6 @@ def stage_recipe(base: TrainingRecipe, stage: StageConfig) -> TrainingRecipe:
     return dataclasses.replace(base, train=train, optimizer=optimizer)
 
 
-def check_stages(stages: tuple[StageConfig, ...], recipe: TrainingRecipe, resuming: bool) -> None:
-    if not stages:
-        return
-    if resuming:
-        raise ConfigError(
-            "stages: resuming a multi-stage run is not implemented yet; resume single-stage runs"
-        )
-    if recipe.ema.enabled:
-        raise ConfigError("stages: EMA across stages is not implemented yet; set ema.enabled = false")
-
-
 def stage_record(stage: StageConfig, recipe: TrainingRecipe, steps: int) -> dict:
     return {"resolution": stage.resolution, "steps": steps, "learning_rate": recipe.optimizer.learning_rate}
 

@@ -93,6 +93,8 @@ class TrainingState:
     scaler: dict
     ema: dict | None
     rng: RngState
+    stage: int = 0  # the run's [[stages]] entry the state was taken in (0 without stages)
+    earlier_losses: list[float] = dataclasses.field(default_factory=list)  # of the stages before it
 
 
 def recipe_record(recipe) -> dict:
@@ -109,8 +111,9 @@ def data_fingerprint(dataset, plan) -> str:
     return hashlib.sha256(json.dumps(rows).encode()).hexdigest()
 
 
-def check_resumable(state: TrainingState, recipe, family: str, data: str) -> None:
-    """ConfigError unless `state` can go on as a run of `recipe` on a `family` model; warn of changes."""
+def check_resumable(state: TrainingState, recipe, family: str, data: str, warn: bool = True) -> None:
+    """ConfigError unless `state` can go on as a run of `recipe` on a `family` model; with `warn`,
+    log the settings that changed (preflight checks quietly; train() warns once, when it resumes)."""
     if state.family != family:
         raise ConfigError(
             f"resume: the state was trained on a {state.family} model, this model is {family}; "
@@ -125,6 +128,8 @@ def check_resumable(state: TrainingState, recipe, family: str, data: str) -> Non
             f"resume: the state was saved with other settings ({'; '.join(fatal[:4])}); "
             "resume with the settings it was trained with"
         )
+    if not warn:
+        return
     for path, old, new in changed:
         log.warning(
             "resume: %s was %r and is now %r; the run will differ from an uninterrupted one", path, old, new

@@ -152,18 +152,21 @@ class StateWriter:
     """Saves states as `<root>/<name>-step<N>/` and keeps the newest `keep_last` of them (0 keeps all).
 
     Call it with a TrainingState (train()'s `save_state`); saving the same step twice writes once.
+    `step` names the folder when it differs from `state.step` (a later stage counts the steps of
+    the stages before it).
     """
 
     def __init__(self, root: Path, name: str, keep_last: int = 2):
         self.root, self.name, self.keep_last = Path(root), name, keep_last
         self.last: tuple[int, Path] | None = None
 
-    def __call__(self, state: TrainingState) -> Path:
-        if self.last is not None and self.last[0] == state.step:
+    def __call__(self, state: TrainingState, step: int | None = None) -> Path:
+        step = state.step if step is None else step
+        if self.last is not None and self.last[0] == step:
             return self.last[1]
-        folder = save_training_state(state, self.root / f"{self.name}-step{state.step:08d}")
-        self.last = (state.step, folder)
-        self._prune(state.step)
+        folder = save_training_state(state, self.root / f"{self.name}-step{step:08d}")
+        self.last = (step, folder)
+        self._prune(step)
         return folder
 
     def _prune(self, newest: int) -> None:

@@ -1,13 +1,11 @@
-"""One optimiser step at a time: the epoch loop, the step's math, the NaN guard, and state.
+"""One training step's math, top to bottom, as small functions (kohya train_network.py).
 
-`StepRunner` holds a run's parts so that a step reads top to bottom (kohya
-train_network.py): load latents, process captions, draw noise and timesteps,
-predict, weight the loss, backpropagate; every `gradient_accumulation_steps`
-batches, clip and step the optimiser. After each optimiser step it notes
-where the run stands (epoch, batch, every RNG), so that a TrainingState taken
-then, or on a later stop, continues the run bit-exactly. A loss or gradient
-norm that is not finite stops the run before the update (fp16 excepted: its
-grad scaler skips such steps, and they are counted).
+`draw_batch` takes a batch's latents, captions, noise, timesteps and target from the run's
+random sources, in kohya's order of draws; `loss_and_backward` predicts, weighs the loss and
+backpropagates (the part `speed.cuda_graph` records and replays); `checked_loss` averages and
+clips the accumulated gradients and stops the run on a loss or gradient norm that is not
+finite, before anything changes (fp16 excepted: its grad scaler skips such steps); and
+`apply_update` steps the optimiser, the schedule and the EMA. train.py's loop calls them.
 """
 
 from __future__ import annotations
@@ -16,250 +14,227 @@ import contextlib
 import logging
 import math
 import random
+from dataclasses import dataclass
 
 import torch
+from torch import Tensor
 
-from ..data.buckets import BucketPlan, epoch_batches
 from ..data.captions import process_caption
 from ..model.backend import TextConditioning
 from ..model.weighted_text import encode_weighted_captions
 from ..objective.loss import training_loss
 from ..objective.noise import add_noise, perturbed_noise, sample_noise, sample_timesteps, velocity_target
-from ..optim.param_groups import set_text_encoder_trainable
-from .cuda_graphs import GraphedBackward
-from .distributed import SINGLE_PROCESS, DataParallel
-from .state import RngState, TrainingState, data_fingerprint, recipe_record
-from .trained import NonFiniteError, StepReport, TrainedLora
+from ..optim.ema import LoraEMA
+from .distributed import DataParallel
+from .state import RngState
+from .trained import NonFiniteError
 
 log = logging.getLogger(__name__)
 MIXED_PRECISION = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-class StepRunner:
-    """A run's parts and where it stands; train() calls `run_epoch` until the steps are done."""
+@dataclass(frozen=True)
+class StepContext:
+    """What every step reads and none changes."""
 
-    def __init__(
-        self,
-        backend,
-        dataset,
-        latents,
-        recipe,
-        network,
-        optimizer,
-        scheduler,
-        ema,
-        alphas_cumprod,
-        save_state,
-        dist: DataParallel = SINGLE_PROCESS,
-    ):
-        self.backend, self.dataset, self.latents, self.recipe = backend, dataset, latents, recipe
-        self.network, self.optimizer, self.scheduler, self.ema = network, optimizer, scheduler, ema
-        self.alphas_cumprod, self.save_state, self.dist = alphas_cumprod, save_state, dist
-        cfg = recipe.train
-        self.generator = torch.Generator(backend.device).manual_seed(cfg.seed)
-        self.caption_rng = random.Random(cfg.seed)
-        self.amp_dtype = MIXED_PRECISION[cfg.mixed_precision]
-        self.scaler = torch.amp.GradScaler(backend.device.type, enabled=cfg.mixed_precision == "fp16")
-        self.params = [p for g in optimizer.param_groups for p in g["params"]]
-        self.graphed = recipe.speed.cuda_graph
-        self.backward = (
-            GraphedBackward(self._loss_and_backward, self.params) if self.graphed else self._loss_and_backward
-        )
-        self.micro_step = 0  # batches accumulated since the last optimiser step
-        self.pending_losses: list[torch.Tensor] = []  # this optimiser step's batch losses, on the device
-        self.text_encoder_trains = self._text_encoder_was_training = True
-        # Where the last optimiser step left the run: (epoch, batches of it consumed, RNGs then).
-        self.boundary: tuple[int, int, RngState] | None = None
-        self.updating = False  # True while the weights change: no state can be taken then
+    backend: object  # the Backend
+    dataset: object  # the Dataset
+    latents: object  # CachedLatents or OnTheFlyLatents
+    recipe: object  # the TrainingRecipe
+    alphas_cumprod: Tensor
+    dist: DataParallel
+    graphed: bool  # speed.cuda_graph: forward and backward replay from recorded graphs
 
-    def run_epoch(self, plan: BucketPlan, epoch: int, result: TrainedLora, on_step, skip: int = 0) -> bool:
-        """Run one epoch from its batch `skip`; True once the run's total steps are done."""
-        cfg = self.recipe.train
-        # Every rank walks the same global batches and computes its own share of each.
-        batches = epoch_batches(plan, cfg.train_batch_size * self.dist.world_size, cfg.seed, epoch)
-        for index in range(skip, len(batches)):
-            _bucket, indices = batches[index]
-            self.text_encoder_trains = self.recipe.optimizer.text_encoder_trains_at(result.steps)
-            self.pending_losses.append(self.forward_backward(indices, epoch))
-            self.micro_step += 1
-            # As kohya (accelerate syncs at the end of the dataloader), an epoch's last batch
-            # steps the optimiser even when fewer batches were accumulated.
-            if self.micro_step < cfg.gradient_accumulation_steps and index + 1 < len(batches):
-                continue
-            self.micro_step = 0
-            loss = self.optimizer_step(result.steps + 1, result)
-            result.steps += 1
-            result.losses.append(loss)
-            rng = RngState.capture(self.generator, self.caption_rng, self.backend.device)
-            self.boundary = (epoch, index + 1, rng)
-            every = cfg.save_state_every_n_steps
-            if every and result.steps % every == 0:
-                self.save_state(self.snapshot(result, plan))
-            if on_step:
-                lr = self.scheduler.get_last_lr()[0]
-                on_step(StepReport(result.steps, result.total_steps, loss, lr, epoch, result))
-            if result.steps >= result.total_steps:
-                return True
-        return False
+    @property
+    def amp_dtype(self) -> torch.dtype | None:
+        return MIXED_PRECISION[self.recipe.train.mixed_precision]
 
-    def forward_backward(self, indices, epoch: int) -> torch.Tensor:
-        """One batch's forward and backward; its loss stays on the device until the optimiser step."""
-        recipe, backend = self.recipe, self.backend
-        samples = [self.latents.get(i, self.generator) for i in indices]
-        latents = torch.stack([s.latents for s in samples]).to(backend.device, torch.float32)
-        size_cond = torch.stack([s.size_conditioning() for s in samples]).to(backend.device)
-        captions = [
-            process_caption(image.caption, recipe.captions_for(image.subset), epoch, self.caption_rng)
-            for image in (self.dataset.images[i] for i in indices)
-        ]
-        noise = sample_noise(latents, recipe.noise, self.generator)
-        timesteps = sample_timesteps(len(indices), recipe.noise, self.generator, backend.device)
-        noisy = add_noise(
-            latents, perturbed_noise(noise, recipe.noise, self.generator), timesteps, self.alphas_cumprod
-        )
-        if backend.prediction_type == "v_prediction":
-            target = velocity_target(latents, noise, timesteps, self.alphas_cumprod)
-        else:
-            target = noise
-        # Everything above was drawn for the whole global batch; this rank computes its share.
-        mine = self.dist.share(len(indices))
-        if mine.start == mine.stop:  # more ranks than samples: this rank only joins the averaging
-            return self.dist.mean(torch.zeros((), device=backend.device))
-        with self._autocast():
-            text = self._encode_text(captions[mine])
-        loss = self.backward(
-            noisy[mine],
-            timesteps[mine],
-            text.hidden,
-            text.pooled,
-            size_cond[mine],
-            target[mine],
-            self._sample_weights(indices[mine]),
-            torch.full((), self.dist.loss_weight(len(indices)), device=backend.device),
-        )
-        return self.dist.mean(loss)
 
-    def _loss_and_backward(
-        self, noisy, timesteps, hidden, pooled, size_cond, target, weights, loss_weight
-    ) -> torch.Tensor:
-        """Predict, weigh the loss, backpropagate: the part of a step speed.cuda_graph replays."""
-        recipe = self.recipe
-        with self._autocast():
-            pred = self.backend.predict(noisy, timesteps, TextConditioning(hidden, pooled), size_cond)
-        loss = (
-            training_loss(
-                pred,
-                target,
-                timesteps,
-                self.alphas_cumprod,
-                self.backend.prediction_type,
-                recipe.loss,
-                weights,
-            )
-            * loss_weight
-        )
-        self.scaler.scale(loss / recipe.train.gradient_accumulation_steps).backward()
-        return loss.detach()
+@dataclass
+class RandomSources:
+    """The run's own random sources, seeded by train.seed: noise, timesteps and crops draw from
+    `generator`, caption shuffling and dropout from `captions`."""
 
-    def _sample_weights(self, indices) -> torch.Tensor | None:
-        """Per-sample loss weights (prior_loss_weight on regularisation images); None when all are 1."""
-        weights = [self.dataset.images[i].loss_weight for i in indices]
-        if all(w == 1.0 for w in weights):
-            return None
-        return torch.tensor(weights, dtype=torch.float32, device=self.backend.device)
+    generator: torch.Generator
+    captions: random.Random
 
-    def _encode_text(self, captions) -> TextConditioning:
-        if self.text_encoder_trains != self._text_encoder_was_training:
-            set_text_encoder_trainable(self.optimizer.param_groups, self.text_encoder_trains)
-            self._text_encoder_was_training = self.text_encoder_trains
-        grad = self.recipe.network.train_text_encoder and self.text_encoder_trains
-        with contextlib.nullcontext() if grad else torch.no_grad():
-            if self.recipe.captions.weighted_captions:
-                return encode_weighted_captions(self.backend, captions)
-            return self.backend.encode_text(captions)
+    @classmethod
+    def seeded(cls, seed: int, device: torch.device) -> RandomSources:
+        return cls(torch.Generator(device).manual_seed(seed), random.Random(seed))
 
-    def _autocast(self):
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        # a graph must not keep autocast's cache of cast weights (PyTorch's CUDA-graph notes)
-        return torch.autocast(self.backend.device.type, dtype=self.amp_dtype, cache_enabled=not self.graphed)
+    def capture(self, device: torch.device) -> RngState:
+        return RngState.capture(self.generator, self.captions, device)
 
-    def optimizer_step(self, step: int, result: TrainedLora) -> float:
-        """Average, clip, check and apply the accumulated gradients; returns the step's loss."""
-        opt_cfg = self.recipe.optimizer
-        self.dist.average_gradients(self.params)
-        if opt_cfg.max_grad_norm > 0:
-            self.scaler.unscale_(self.optimizer)
-            norm = torch.nn.utils.clip_grad_norm_(self.params, opt_cfg.max_grad_norm)
-        else:
-            norm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
-        # One read-back per optimiser step, the batch losses and the norm together: each host
-        # sync leaves the GPU idle while the host catches up (bench/RESULTS.md measures it).
-        *losses, norm_value = torch.stack([*self.pending_losses, norm.to(torch.float32)]).tolist()
-        self.pending_losses = []
-        fp16 = self.scaler.is_enabled()
-        scale = self.scaler.get_scale() if fp16 else None
-        if not fp16:  # with fp16 the grad scaler itself skips a step whose gradients are inf/NaN
-            for value in losses:
-                _check_finite("loss", value, step)
-            _check_finite("gradient norm", norm_value, step)
-        self.updating = True
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        if fp16 and self.scaler.get_scale() < scale:
-            result.skipped_steps += 1
-            log.info("step %d: fp16 gradients overflowed; the grad scaler skipped the update", step)
-        self.scheduler.step()
-        # recorded graphs write into the same .grad tensors every replay
-        self.optimizer.zero_grad(set_to_none=not self.graphed)
-        if self.ema is not None:
-            self.ema.step(step)
-        self.updating = False
-        loss = 0.0
+    def restore(self, rng: RngState, device: torch.device) -> None:
+        rng.restore(self.generator, self.captions, device)
+
+
+@dataclass(frozen=True)
+class Batch:
+    """A global batch as drawn; each process computes its share of the rows."""
+
+    noisy: Tensor
+    timesteps: Tensor
+    target: Tensor
+    size_conditioning: Tensor
+    captions: list[str]
+    indices: list[int]
+
+
+def draw_batch(ctx: StepContext, indices, epoch: int, rng: RandomSources) -> Batch:
+    """Latents (a crop may be drawn), captions, noise, timesteps, noisy input and target."""
+    recipe, device = ctx.recipe, ctx.backend.device
+    samples = [ctx.latents.get(i, rng.generator) for i in indices]
+    latents = torch.stack([s.latents for s in samples]).to(device, torch.float32)
+    size_cond = torch.stack([s.size_conditioning() for s in samples]).to(device)
+    captions = [
+        process_caption(image.caption, recipe.captions_for(image.subset), epoch, rng.captions)
+        for image in (ctx.dataset.images[i] for i in indices)
+    ]
+    noise = sample_noise(latents, recipe.noise, rng.generator)
+    timesteps = sample_timesteps(len(indices), recipe.noise, rng.generator, device)
+    noisy = add_noise(
+        latents, perturbed_noise(noise, recipe.noise, rng.generator), timesteps, ctx.alphas_cumprod
+    )
+    if ctx.backend.prediction_type == "v_prediction":
+        target = velocity_target(latents, noise, timesteps, ctx.alphas_cumprod)
+    else:
+        target = noise
+    return Batch(noisy, timesteps, target, size_cond, captions, list(indices))
+
+
+def autocast(ctx: StepContext):
+    if ctx.amp_dtype is None:
+        return contextlib.nullcontext()
+    # a graph must not keep autocast's cache of cast weights (PyTorch's CUDA-graph notes)
+    return torch.autocast(ctx.backend.device.type, dtype=ctx.amp_dtype, cache_enabled=not ctx.graphed)
+
+
+def encode_captions(ctx: StepContext, captions: list[str], text_encoder_trains: bool) -> TextConditioning:
+    """The batch's text conditioning; differentiable while text-encoder LoRA trains."""
+    grad = ctx.recipe.network.train_text_encoder and text_encoder_trains
+    with contextlib.nullcontext() if grad else torch.no_grad(), autocast(ctx):
+        if ctx.recipe.captions.weighted_captions:
+            return encode_weighted_captions(ctx.backend, captions)
+        return ctx.backend.encode_text(captions)
+
+
+def loss_weights(ctx: StepContext, indices) -> Tensor | None:
+    """Per-sample loss weights (prior_loss_weight on regularisation images); None when all are 1."""
+    weights = [ctx.dataset.images[i].loss_weight for i in indices]
+    if all(w == 1.0 for w in weights):
+        return None
+    return torch.tensor(weights, dtype=torch.float32, device=ctx.backend.device)
+
+
+def loss_and_backward(
+    ctx: StepContext,
+    scaler: torch.amp.GradScaler,
+    noisy: Tensor,
+    timesteps: Tensor,
+    hidden: Tensor,
+    pooled: Tensor | None,
+    size_cond: Tensor,
+    target: Tensor,
+    weights: Tensor | None,
+    loss_weight: Tensor,
+) -> Tensor:
+    """Predict, weigh the loss, backpropagate (÷ accumulation steps); returns the detached loss.
+
+    Tensors only (or None) in, one tensor out: the signature speed.cuda_graph records.
+    """
+    backend, recipe = ctx.backend, ctx.recipe
+    with autocast(ctx):
+        pred = backend.predict(noisy, timesteps, TextConditioning(hidden, pooled), size_cond)
+    loss = training_loss(
+        pred, target, timesteps, ctx.alphas_cumprod, backend.prediction_type, recipe.loss, weights
+    )
+    loss = loss * loss_weight
+    scaler.scale(loss / recipe.train.gradient_accumulation_steps).backward()
+    return loss.detach()
+
+
+def checked_loss(
+    ctx: StepContext,
+    params: list[torch.nn.Parameter],
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    pending_losses: list[Tensor],
+    step: int,
+) -> float:
+    """Average the gradients over processes and clip them; the step's loss, or NonFiniteError.
+
+    Nothing has changed the weights yet when this raises, so the run keeps step − 1's weights.
+    """
+    max_norm = ctx.recipe.optimizer.max_grad_norm
+    ctx.dist.average_gradients(params)
+    if max_norm > 0:
+        scaler.unscale_(optimizer)
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    else:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+    # One read-back per optimiser step, the batch losses and the norm together: each host
+    # sync leaves the GPU idle while the host catches up (bench/RESULTS.md measures it).
+    *losses, norm_value = torch.stack([*pending_losses, norm.to(torch.float32)]).tolist()
+    if not scaler.is_enabled():  # with fp16 the grad scaler itself skips a step whose gradients are inf/NaN
         for value in losses:
-            loss += value / self.recipe.train.gradient_accumulation_steps
-        return loss
+            _check_finite("loss", value, step)
+        _check_finite("gradient norm", norm_value, step)
+    loss = 0.0
+    for value in losses:
+        loss += value / ctx.recipe.train.gradient_accumulation_steps
+    return loss
 
-    def snapshot(self, result: TrainedLora, plan: BucketPlan) -> TrainingState:
-        """The run as it stood after its last optimiser step (see state.TrainingState)."""
-        epoch, batch, rng = self.boundary
-        return TrainingState(
-            step=result.steps,
-            epoch=epoch,
-            batch_in_epoch=batch,
-            losses=list(result.losses),
-            started_at=result.started_at,
-            skipped_steps=result.skipped_steps,
-            family=self.backend.family,
-            recipe=recipe_record(self.recipe),
-            data=data_fingerprint(self.dataset, plan),
-            network=self.network.kohya_state_dict(),
-            optimizer=self.optimizer.state_dict(),
-            scheduler=self.scheduler.state_dict(),
-            scaler=self.scaler.state_dict(),
-            ema=self.ema.state_dict() if self.ema is not None else None,
-            rng=rng,
-        )
 
-    def stop_state(self, result: TrainedLora, plan: BucketPlan) -> TrainingState | None:
-        """The state to save when training stops: none before the first step or mid-update."""
-        if self.boundary is None or self.updating:
-            return None
-        return self.snapshot(result, plan)
+def apply_update(
+    ctx: StepContext,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    scheduler,
+    ema: LoraEMA | None,
+    step: int,
+    ema_step: int,
+) -> bool:
+    """Step the optimiser, schedule and EMA; True when fp16's grad scaler skipped the update."""
+    scale = scaler.get_scale() if scaler.is_enabled() else None
+    scaler.step(optimizer)
+    scaler.update()
+    skipped = scale is not None and scaler.get_scale() < scale
+    if skipped:
+        log.info("step %d: fp16 gradients overflowed; the grad scaler skipped the update", step)
+    scheduler.step()
+    # recorded graphs write into the same .grad tensors every replay
+    optimizer.zero_grad(set_to_none=not ctx.graphed)
+    if ema is not None:
+        ema.step(ema_step)
+    return skipped
 
-    def restore(self, state: TrainingState, result: TrainedLora) -> tuple[int, int]:
-        """Load `state` into this run; returns (epoch, batch) where training goes on."""
-        self.network.load_kohya_state_dict(state.network)
-        self.optimizer.load_state_dict(state.optimizer)
-        self.scheduler.load_state_dict(state.scheduler)
-        self.scaler.load_state_dict(state.scaler)
-        if self.ema is not None:
-            self.ema.load_state_dict(state.ema)
-        state.rng.restore(self.generator, self.caption_rng, self.backend.device)
-        result.steps, result.epochs, result.losses = state.step, state.epoch, list(state.losses)
-        result.started_at, result.skipped_steps = state.started_at, state.skipped_steps
-        self.boundary = (state.epoch, state.batch_in_epoch, state.rng)
-        return state.epoch, state.batch_in_epoch
+
+def forward_backward(
+    ctx: StepContext, backward, indices, epoch: int, rng: RandomSources, text_encoder_trains: bool
+) -> Tensor:
+    """One batch's forward and backward; its loss stays on the device until the optimiser step.
+
+    backward: `loss_and_backward` bound to the context and scaler, or its CUDA-graph replay.
+    """
+    device, dist = ctx.backend.device, ctx.dist
+    batch = draw_batch(ctx, indices, epoch, rng)
+    # Everything above was drawn for the whole global batch; this process computes its share.
+    mine = dist.share(len(indices))
+    if mine.start == mine.stop:  # more processes than samples: this one only joins the averaging
+        return dist.mean(torch.zeros((), device=device))
+    text = encode_captions(ctx, batch.captions[mine], text_encoder_trains)
+    loss = backward(
+        batch.noisy[mine],
+        batch.timesteps[mine],
+        text.hidden,
+        text.pooled,
+        batch.size_conditioning[mine],
+        batch.target[mine],
+        loss_weights(ctx, batch.indices[mine]),
+        torch.full((), dist.loss_weight(len(indices)), device=device),
+    )
+    return dist.mean(loss)
 
 
 def _check_finite(what: str, value: float, step: int) -> None:
