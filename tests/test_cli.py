@@ -78,6 +78,7 @@ def test_list_keys_documents_every_section(capsys):
     [
         ("[network]\nnetwork_dimm = 8\n", "network.network_dimm: unknown key; did you mean 'network_dim'?"),
         ("[network]\nnetwork_dim = 0\n", "network.network_dim: 0 is out of range"),
+        ("[optimizer]\nlearning_rate = 0.0\n", "optimizer: nothing would train"),
         ('[network]\nnetwork_dim = "eight"\n', "network.network_dim: 'eight' is not a whole number"),
         ("[noisy]\nx = 1\n", "unknown section [noisy]; did you mean 'noise'?"),
         ("[speed]\ncuda_graph = true\n", "speed.cuda_graph: needs a CUDA device; this run is on cpu"),
