@@ -289,6 +289,9 @@ def _block_weights(text: str) -> tuple[float, ...] | str | None:
     return text
 
 
+_NET = NetworkConfig()  # the core's defaults: the node without edits trains what the CLI trains
+
+
 class ConfigureNetwork(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -298,22 +301,22 @@ class ConfigureNetwork(io.ComfyNode):
             category=f"{CATEGORY}/config",
             description="LoRA rank, alpha, conv layers, dropouts and which parts train.",
             inputs=[
-                io.Int.Input("network_dim", default=16, min=1, max=1024, tooltip="LoRA rank."),
-                _f("network_alpha", 8.0, 0.0, 1024.0, 0.5, "Scale is alpha/rank (0 = rank)."),
+                io.Int.Input("network_dim", default=_NET.network_dim, min=1, max=1024, tooltip="LoRA rank."),
+                _f("network_alpha", _NET.network_alpha, 0.0, 1024.0, 0.5, "Scale is alpha/rank (0 = rank)."),
                 io.Int.Input(
                     "conv_dim",
-                    default=0,
+                    default=_NET.conv_dim,
                     min=0,
                     max=1024,
                     tooltip="Rank for 3x3 ResNet convolutions (0 = off).",
                 ),
-                _f("conv_alpha", 1.0, 0.0, 1024.0, 0.5, "Conv alpha."),
+                _f("conv_alpha", _NET.conv_alpha, 0.0, 1024.0, 0.5, "Conv alpha."),
                 _f("network_dropout", 0.0, 0.0, 0.99, 0.01, "Dropout on the LoRA down projection's output."),
                 _f("rank_dropout", 0.0, 0.0, 0.99, 0.01, "Drop whole ranks per sample (rescaled)."),
                 _f("module_dropout", 0.0, 0.0, 0.99, 0.01, "Skip a whole LoRA module with this probability."),
                 io.Boolean.Input(
                     "train_text_encoder",
-                    default=False,
+                    default=_NET.train_text_encoder,
                     tooltip="Also train LoRA on the text encoder(s) (kohya's default); "
                     "off trains the UNet only.",
                 ),

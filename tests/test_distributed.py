@@ -88,7 +88,7 @@ def test_learning_rates_scale_with_processes_only_when_asked(tmp_path):
     import dataclasses
 
     from lora_train_core.demo import demo_config
-    from lora_train_core.run.orchestrator import _with_lr_rule
+    from lora_train_core.run.preflight import _with_lr_rule
 
     cfg = demo_config("sd15", tmp_path, steps=1)
     opt = dataclasses.replace(cfg.recipe.optimizer, learning_rate=1e-4, unet_lr=2e-4, text_encoder_lr=(5e-5,))

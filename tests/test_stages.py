@@ -93,7 +93,7 @@ def test_intermediate_saves_keep_the_newest_n(tmp_path, shapes_dataset):
     run_training(cfg, tiny_backend("sd15"), say=lambda _: None)
     names = sorted(p.name for p in tmp_path.glob("run*.safetensors"))
     assert names == ["run-step00000002.safetensors", "run-step00000003.safetensors", "run.safetensors"]
-    assert read_metadata(tmp_path / "run-step000003.safetensors")["ss_steps"] == "3"
+    assert read_metadata(tmp_path / "run-step00000003.safetensors")["ss_steps"] == "3"
 
 
 def test_samples_section_writes_images_next_to_the_lora(tmp_path, shapes_dataset):
