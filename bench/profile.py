@@ -85,13 +85,13 @@ def _desc(d: dict[str, float]) -> list[tuple[str, float]]:
 def memory_phases(step, generator: torch.Generator) -> dict:
     """GiB allocated at the start and peak within each phase of one eager step of an `OurStep`.
 
-    Phases: forward, loss + backward, clipping + optimiser step. Peaks include what was
-    allocated before the phase (weights, LoRA, optimiser state).
+    Phases: forward (until the UNet returns, seen by a forward hook), loss + backward,
+    `update` (clipping and the optimiser step). Peaks include what was allocated before the
+    phase (weights, LoRA, optimiser state).
     """
     gib = 2**30
     out = {}
-    noisy, timesteps, noise = step.draw(generator)
-    step.optimizer.zero_grad(set_to_none=True)
+    batch = step.draw(generator)
     torch.cuda.synchronize()
 
     def mark(name: str) -> None:
@@ -102,12 +102,13 @@ def memory_phases(step, generator: torch.Generator) -> dict:
 
     out["start_gib"] = torch.cuda.memory_allocated() / gib
     torch.cuda.reset_peak_memory_stats()
-    pred = step.predict(noisy, timesteps)
-    mark("forward")
-    loss = step.loss(pred, timesteps, noise)
-    loss.backward()
-    del pred
+    unet = step.ctx.backend.unet
+    hook = unet.register_forward_hook(lambda *_: mark("forward"))
+    try:
+        loss = step.backward(*batch)
+    finally:
+        hook.remove()
     mark("backward")
-    step.update(loss.detach())
+    step.update(loss)
     mark("optimizer")
     return out

@@ -6,9 +6,10 @@
 
 Every process runs step_bench's `run_variant` on its own GPU with its own inputs and
 noise (per-device batch = the case's batch), averaging the LoRA gradients every step
-as lora_train_core's multi-process training does (`DataParallel.average_gradients`:
-one all-reduce after backward, before clipping). The global rate is world size x
-per-device batch / the slowest rank's median step. On a CPU,
+in step.py's `checked_loss`, as lora_train_core's multi-process training does
+(`DataParallel.average_gradients`: one all-reduce after backward, before clipping).
+The global rate is world size x per-device batch / the slowest rank's median step.
+On a CPU,
 `torchrun --nproc-per-node 2 -m bench.scaling_bench --tiny --variant ours_core` checks
 that it runs (gloo), not how fast.
 """

@@ -101,7 +101,7 @@ def run_variant(
     """Build, count, compile, warm up and time one (case, variant); a dict of the measurements.
 
     With several processes (`dist`, ours only) each rank draws its own inputs and noise and
-    the gradients are averaged every step, as step.py does (scaling_bench.py).
+    the gradients are averaged every step, by step.py's `checked_loss` (scaling_bench.py).
     """
     case, fast = CASES[case_name], VARIANTS[variant]
     cuda = device.type == "cuda"
@@ -112,7 +112,7 @@ def run_variant(
     setup = (
         build_baseline(case, inputs, device, tiny)
         if fast is None
-        else build_ours(case, inputs, device, tiny, fast)
+        else build_ours(case, inputs, device, tiny, fast, dist=dist)
     )
     _sync(device)
     out = {"case": case_name, "variant": variant, "fast_path": fast.__dict__ if fast else None}
@@ -121,8 +121,6 @@ def run_variant(
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
         out["mem_model_gib"] = torch.cuda.memory_allocated(device) / GIB  # weights and LoRA
-    if dist.world_size > 1:
-        setup.step.dist = dist
     generator = torch.Generator(device).manual_seed(dist.rank)
     with FlopCounterMode(display=False) as counter:
         losses = [setup.step(generator)]

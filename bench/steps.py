@@ -6,35 +6,38 @@ added with `unet.add_adapter`, `torch.autocast(bfloat16)`, MSE against ε,
 `clip_grad_norm_`, `torch.optim.AdamW(fused=True)`, and the loss read back with
 `.item()` every step for the log.
 
-Ours: `lora_train_core`'s components as `train.py` and `step.py` wire them (bf16 frozen UNet,
-kohya LoRA with float32 weights from `network.py`, AdamW from `optim.py`,
-`noise.py` and `loss.py` for the noising and the loss), with the options of
-`FastPath` on top: the core's [speed] options (`speed.py`, `cuda_graphs.py`: the
-same functions `train()` uses) and a few bench-only prototypes. Both draw ε and t
-from a generator seeded alike, so they see the same noise and timesteps.
+Ours: the core's own step, `lora_train_core.run.step`'s functions as train.py's loop calls
+them (`loss_and_backward`, `checked_loss`, `apply_update`, with a `StepContext` over a
+`DiffusersBackend` around the bench's UNet), on a network, optimiser and schedule built as
+train() builds them (bf16 frozen UNet under autocast, kohya LoRA with float32 weights). The
+options of `FastPath` go on top: the core's [speed] options (`speed.py`, `cuda_graphs.py`: the
+same functions train() uses) and a few bench-only prototypes. Both draw ε and t from a
+generator seeded alike, so they see the same noise and timesteps.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lora_train_core.model.diffusers_backend import kohya_alphas_cumprod
-from lora_train_core.model.kohya_keys import unet_targets
+from lora_train_core.model.backend import TextConditioning
+from lora_train_core.model.diffusers_backend import DiffusersBackend
 from lora_train_core.model.network import LoRAModule, LoRANetwork, NetworkConfig
-from lora_train_core.objective.loss import LossConfig, training_loss
-from lora_train_core.objective.noise import NoiseConfig, add_noise, sample_noise, sample_timesteps
+from lora_train_core.model.tiny_models import tiny_components
+from lora_train_core.objective.noise import add_noise, perturbed_noise, sample_noise, sample_timesteps
 from lora_train_core.optim.optimizers import OptimizerConfig, build_optimizer
 from lora_train_core.optim.param_groups import build_param_groups
+from lora_train_core.optim.schedule import build_lr_scheduler
 from lora_train_core.run.cuda_graphs import GraphedBackward
 from lora_train_core.run.distributed import SINGLE_PROCESS, DataParallel
-from lora_train_core.run.speed import store_in_fp8
+from lora_train_core.run.speed import SpeedConfig
+from lora_train_core.run.step import StepContext, apply_update, checked_loss, loss_and_backward
+from lora_train_core.run.train import TrainConfig, TrainingRecipe, build_network
 
 from .models import Case, StepInputs, build_unet
 
@@ -48,21 +51,26 @@ LORA_PATHS = ("core", "compute_dtype")
 
 @dataclass(frozen=True)
 class FastPath:
-    """Options of our step; the defaults are the core's step as `step.py` runs it today.
+    """Options of our step; the defaults are the core's step as train() runs it with
+    mixed_precision "bf16" and no [speed] option.
 
-    autocast: run the bf16 UNet under `torch.autocast(bfloat16)`, as step.py does with
-        mixed_precision="bf16"; False runs it in plain bf16 (norms stay bf16).
-    channels_last: UNet, LoRA convs and the noisy latents in NHWC, so cuDNN skips transposes.
-    host_sync: read the loss and the gradient norm back every step, as step.py's NaN guard
-        does; False keeps the step free of host syncs, so the CPU queues the next step early.
+    autocast: mixed_precision "bf16": the UNet under `torch.autocast(bfloat16)`; False is
+        mixed_precision "no" (the core's float32 step with float32 weights; with the bench's
+        bf16 weights, a plain bf16 step whose norms stay bf16).
+    channels_last: bench prototype: UNet, LoRA convs and the noisy latents in NHWC, so cuDNN
+        skips transposes.
+    host_sync: `checked_loss` reads the loss and the gradient norm back every step for the NaN
+        guard; False (bench prototype) clips without the read-back, so that the step has no
+        host sync and the CPU queues the next step early.
     lora_path: "core" is network.py's LoRAModule.forward (input cast to float32, LoRA in
         float32 unless autocast recasts it); "compute_dtype" is a bench prototype of a
         proposed change: LoRA weights cast to the activation dtype, up-projection and the add
         fused into one addmm (Linear targets).
-    cudnn_benchmark: let cuDNN time its convolution algorithms (`torch.backends.cudnn.benchmark`).
-    cuda_graph: speed.cuda_graph: forward, loss and backward replayed from a CUDA graph
-        (cuda_graphs.GraphedBackward); clipping and the optimiser step stay eager, as in
-        step.py; the noise is drawn outside the graph and copied into its input buffers.
+    cudnn_benchmark: speed.cudnn_benchmark: cuDNN times its convolution algorithms.
+    cuda_graph: speed.cuda_graph: `loss_and_backward` (forward, loss, backward) replayed from
+        a CUDA graph (cuda_graphs.GraphedBackward) as train() wraps it; `checked_loss` and
+        `apply_update` stay eager; the noise is drawn outside the graph and copied into its
+        input buffers.
     compile: speed.compile_blocks: torch.compile each block named in COMPILE_BLOCKS[compile].
     optimizer_type: an OptimizerConfig optimizer_type (AdamW is fused on CUDA).
     fp8_base: speed.fp8_base: the frozen Linear/Conv2d weights stored as float8 e4m3fn.
@@ -136,121 +144,172 @@ def build_ours(
     tiny: bool,
     fast: FastPath,
     weight_dtype: torch.dtype = torch.bfloat16,
+    dist: DataParallel = SINGLE_PROCESS,
 ) -> StepSetup:
-    """lora_train_core's step on a frozen `weight_dtype` UNet, with the options of `fast`."""
-    unet = build_unet(case.family, tiny, device).to(weight_dtype)
-    if fast.fp8_base:
-        store_in_fp8(unet)
-    network = LoRANetwork(
-        unet_targets(unet, case.family, include_conv=False),
-        NetworkConfig(network_dim=RANK, network_alpha=RANK),
+    """lora_train_core's step on a frozen `weight_dtype` UNet, built as train() builds it, with the
+    options of `fast`; with several processes (`dist`) the gradients are averaged every step."""
+    # The step runs only the UNet: the bench stands in for cached latents and text-encoder
+    # outputs, so the backend's VAE and text encoders are the tiny ones (built first: build_unet
+    # reseeds, so the UNet and LoRA weights do not depend on them).
+    _, vae, text_encoders, tokenizers = tiny_components(case.family)
+    backend = DiffusersBackend(
+        build_unet(case.family, tiny, device),
+        vae,
+        text_encoders,
+        tokenizers,
+        family=case.family,
+        device=device,
+        weight_dtype=weight_dtype,
+        fp8_unet=fast.fp8_base,
     )
-    if case.gradient_checkpointing:
-        # as train() with speed.cuda_graph: no dropout, so no RNG state to save (nor to read
-        # while a graph records)
-        unet.enable_gradient_checkpointing(_checkpoint_without_rng if fast.cuda_graph else None)
-    unet.train()
-    network.train()
+    recipe = TrainingRecipe(
+        TrainConfig(
+            mixed_precision="bf16" if fast.autocast else "no",
+            gradient_checkpointing=case.gradient_checkpointing,
+        ),
+        network=NetworkConfig(network_dim=RANK, network_alpha=RANK, train_text_encoder=False),
+        optimizer=OptimizerConfig(
+            optimizer_type=fast.optimizer_type, learning_rate=LEARNING_RATE, max_grad_norm=MAX_GRAD_NORM
+        ),
+        # run_variant applies compile_blocks and cudnn_benchmark, and OurStep.use_graphs the graphs,
+        # after the eager step whose FLOPs are counted (train() enters them before its first step)
+        speed=SpeedConfig(
+            cuda_graph=fast.cuda_graph,
+            compile_blocks=fast.compile,
+            cudnn_benchmark=fast.cudnn_benchmark,
+            fp8_base=fast.fp8_base,
+        ),
+    )
+    network = build_network(backend, recipe)
+    _train_mode(backend, network, recipe)
     if fast.channels_last:
-        unet.to(memory_format=torch.channels_last)
+        backend.unet.to(memory_format=torch.channels_last)
         network.to(memory_format=torch.channels_last)
     if fast.lora_path == "compute_dtype":
         install_compute_dtype_lora(network)
     else:
         network.apply_to()
-    opt_cfg = OptimizerConfig(
-        optimizer_type=fast.optimizer_type, learning_rate=LEARNING_RATE, max_grad_norm=MAX_GRAD_NORM
-    )
-    groups = build_param_groups(network.named_lora_parameters(), case.family, opt_cfg)
-    optimizer = build_optimizer(groups, opt_cfg, device)
+    groups = build_param_groups(network.named_lora_parameters(), case.family, recipe.optimizer)
+    optimizer = build_optimizer(groups, recipe.optimizer, device)
     params = [p for g in optimizer.param_groups for p in g["params"]]
-    step = OurStep(unet, inputs, params, optimizer, kohya_alphas_cumprod().to(device), weight_dtype, fast)
-    return StepSetup(unet, params, optimizer, step, network)
-
-
-def _checkpoint_without_rng(module, *args):
-    return torch.utils.checkpoint.checkpoint(
-        module.__call__, *args, use_reentrant=False, preserve_rng_state=False
+    ctx = StepContext(
+        backend,
+        dataset=None,  # no dataset and no latent cache: OurStep.draw stands in for draw_batch
+        latents=None,
+        recipe=recipe,
+        alphas_cumprod=backend.alphas_cumprod,
+        dist=dist,
+        graphed=False,  # until use_graphs
     )
+    # as the text encoders (in weight_dtype) would give them
+    text = TextConditioning(
+        inputs.text_hidden.to(weight_dtype),
+        None if inputs.pooled is None else inputs.pooled.to(weight_dtype),
+    )
+    step = OurStep(
+        ctx,
+        inputs.latents,
+        text,
+        inputs.time_ids,
+        params,
+        optimizer,
+        # kohya's default constant schedule: the total only matters to the others
+        build_lr_scheduler(optimizer, recipe.optimizer, total_steps=1_000_000),
+        torch.amp.GradScaler(device.type, enabled=False),  # only fp16 scales; the bench runs bf16
+        host_sync=fast.host_sync,
+        channels_last=fast.channels_last,
+    )
+    return StepSetup(backend.unet, params, optimizer, step, network)
+
+
+def _train_mode(backend: DiffusersBackend, network: LoRANetwork, recipe: TrainingRecipe) -> None:
+    """Train mode (and gradient checkpointing) as train.py's `_training_mode` enters it."""
+    network.train()
+    if recipe.train.gradient_checkpointing:
+        # with speed.cuda_graph no RNG state may be read while a graph records (nor is one needed)
+        backend.set_gradient_checkpointing(True, preserve_rng_state=not recipe.speed.cuda_graph)
+        for module in backend.trainable_modules():
+            module.train()
 
 
 @dataclass
 class OurStep:
-    """One optimiser step as step.py's `forward_backward` + `optimizer_step` (default options).
+    """One optimiser step through step.py's own functions, as train.py's loop calls them.
 
-    `draw` makes ε, t and x_t from the generator (noise.py); `loss_and_backward` is the part
-    step.py records as a CUDA graph with speed.cuda_graph (forward, loss, backward); `update`
-    is the eager rest (clipping, optimiser step). Gradients are cleared at the start of
-    `train_on`, in place when graphed as step.py does, so that they can be inspected after.
-    Calling the step returns the loss as a float with `fast.host_sync`, else as a 0-d tensor.
+    `draw` stands in for `draw_batch` and the text encoding: fixed latents (a latent cache
+    without random crops) and fixed text-encoder outputs, fresh noise and timesteps from the
+    generator in draw_batch's order of draws. `backward` is step.py's `loss_and_backward`
+    (predict, loss, backward), replayed from CUDA graphs once `use_graphs` ran, as train()
+    wraps it with speed.cuda_graph; its loss is averaged over processes as `forward_backward`
+    does. `update` is `checked_loss` (gradients averaged and clipped, the NaN guard's one
+    read-back) then `apply_update` (optimiser and schedule step, gradients cleared).
+    With `host_sync` False (a bench prototype) `checked_loss` gives way to
+    `clip_without_sync` and the loss comes back as a 0-d tensor instead of a float.
     """
 
-    unet: nn.Module
-    inputs: StepInputs
+    ctx: StepContext
+    latents: Tensor
+    text: TextConditioning
+    size_conditioning: Tensor | None  # SDXL's time ids; None for SD1.5, whose backend ignores them
     params: list[nn.Parameter]
     optimizer: torch.optim.Optimizer
-    alphas_cumprod: Tensor
-    weight_dtype: torch.dtype
-    fast: FastPath
-    backward_fn: Callable[..., Tensor] | None = None  # a GraphedBackward once use_graphs() ran
-    dist: DataParallel = SINGLE_PROCESS  # several processes: gradients averaged as step.py does
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    host_sync: bool = True
+    channels_last: bool = False  # bench prototype: the noisy latents in NHWC, as the UNet
+    steps: int = 0
+    backward: Callable[..., Tensor] = field(init=False)
+
+    def __post_init__(self):
+        self.backward = partial(loss_and_backward, self.ctx, self.scaler)
 
     def use_graphs(self) -> None:
-        """From the next step on, record (once per shape) and replay `loss_and_backward`."""
-        self.backward_fn = GraphedBackward(self.loss_and_backward, self.params)
+        """From the next step on, record (once per shape) and replay `loss_and_backward`, as
+        train() does from its first step with speed.cuda_graph."""
+        self.ctx = replace(self.ctx, graphed=True)
+        self.backward = GraphedBackward(partial(loss_and_backward, self.ctx, self.scaler), self.params)
 
     def __call__(self, generator: torch.Generator) -> Tensor | float:
-        return self.train_on(*self.draw(generator))
+        return self.update(self.ctx.dist.mean(self.backward(*self.draw(generator))))
 
-    def draw(self, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
-        latents, noise_cfg = self.inputs.latents, NoiseConfig()
-        noise = sample_noise(latents, noise_cfg, generator)
-        timesteps = sample_timesteps(latents.shape[0], noise_cfg, generator, latents.device)
-        noisy = add_noise(latents, noise, timesteps, self.alphas_cumprod).to(self.weight_dtype)
-        if self.fast.channels_last:
-            noisy = noisy.contiguous(memory_format=torch.channels_last)
-        return noisy, timesteps, noise
-
-    def train_on(self, noisy: Tensor, timesteps: Tensor, noise: Tensor) -> Tensor | float:
-        self.optimizer.zero_grad(set_to_none=self.backward_fn is None)
-        loss = (self.backward_fn or self.loss_and_backward)(noisy, timesteps, noise)
-        self.dist.average_gradients(self.params)
-        return self.update(loss)
-
-    def loss_and_backward(self, noisy: Tensor, timesteps: Tensor, noise: Tensor) -> Tensor:
-        loss = self.loss(self.predict(noisy, timesteps), timesteps, noise)
-        loss.backward()
-        return loss.detach()
-
-    def predict(self, noisy: Tensor, timesteps: Tensor) -> Tensor:
-        # a recorded graph must not keep autocast's cache of cast weights (as in step.py)
-        autocast = torch.autocast(
-            noisy.device.type,
-            torch.bfloat16,
-            enabled=self.fast.autocast,
-            cache_enabled=self.backward_fn is None,
+    def draw(self, generator: torch.Generator) -> tuple[Tensor | None, ...]:
+        """`loss_and_backward`'s inputs for one batch (ε-prediction: the target is the noise)."""
+        ctx, latents = self.ctx, self.latents
+        noise = sample_noise(latents, ctx.recipe.noise, generator)
+        timesteps = sample_timesteps(latents.shape[0], ctx.recipe.noise, generator, latents.device)
+        noisy = add_noise(
+            latents, perturbed_noise(noise, ctx.recipe.noise, generator), timesteps, ctx.alphas_cumprod
         )
-        with autocast:
-            return self.unet(
-                noisy,
-                timesteps,
-                encoder_hidden_states=self.inputs.text_hidden.to(self.weight_dtype),
-                added_cond_kwargs=self.inputs.added_cond_kwargs(self.weight_dtype),
-            ).sample
-
-    def loss(self, pred: Tensor, timesteps: Tensor, noise: Tensor) -> Tensor:
-        return training_loss(pred, noise, timesteps, self.alphas_cumprod, "epsilon", LossConfig())
+        if self.channels_last:
+            noisy = noisy.contiguous(memory_format=torch.channels_last)
+        # every process computes an equal share of the global batch
+        loss_weight = ctx.dist.loss_weight(ctx.dist.world_size * len(latents))
+        return (
+            noisy,
+            timesteps,
+            self.text.hidden,
+            self.text.pooled,
+            self.size_conditioning,
+            noise,
+            None,  # every sample's loss weight is 1
+            torch.full((), loss_weight, device=latents.device),
+        )
 
     def update(self, loss: Tensor) -> Tensor | float:
-        """Clip and step; with host_sync, read the loss and norm back first as step.py's NaN guard
-        does (one read for both) and return the loss as a float."""
-        norm = torch.nn.utils.clip_grad_norm_(self.params, MAX_GRAD_NORM)
-        if self.fast.host_sync:
-            loss, norm_value = torch.stack([loss, norm.float()]).tolist()
-            if not math.isfinite(loss + norm_value):
-                raise FloatingPointError(f"loss {loss}, gradient norm {norm_value}")
-        self.optimizer.step()
+        self.steps += 1
+        if self.host_sync:
+            loss = checked_loss(self.ctx, self.params, self.optimizer, self.scaler, [loss], self.steps)
+        else:
+            clip_without_sync(self.ctx, self.params)
+        apply_update(self.ctx, self.optimizer, self.scaler, self.scheduler, None, self.steps, self.steps)
         return loss
+
+
+def clip_without_sync(ctx: StepContext, params: list[nn.Parameter]) -> None:
+    """`checked_loss` without its read-back (bench prototype): gradients averaged and clipped as
+    there, but no NaN guard, so that nothing waits for the GPU and the host runs ahead."""
+    ctx.dist.average_gradients(params)
+    torch.nn.utils.clip_grad_norm_(params, ctx.recipe.optimizer.max_grad_norm)
 
 
 def install_compute_dtype_lora(network: LoRANetwork) -> None:

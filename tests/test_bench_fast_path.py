@@ -2,7 +2,7 @@
 
 On the CPU, in float32, one fixed-seed step of our LoRA training step with the
 fast-path options on gives the loss, LoRA gradients and LoRA update of the same
-step with them off (the core's step as train.py runs it), to float32 rounding:
+step with them off (the core's step as train() runs it), to float32 rounding:
 loss to 1e-6 relative, gradients to 1e-5 relative norm. The update is AdamW's,
 whose first step is about lr·sign(g), so rounding-level differences in g are
 amplified where g is near 0: it is compared to 1e-3 relative norm and, per
@@ -34,8 +34,12 @@ def _one_step(fast: FastPath) -> tuple[torch.Tensor | float, torch.Tensor, torch
             if name.endswith("lora_up.weight"):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.01)
     before = [p.detach().clone() for p in setup.params]
+    seen = []  # the gradients the optimiser steps with (apply_update clears them after)
+    setup.optimizer.register_step_pre_hook(
+        lambda *_: seen.append(torch.cat([p.grad.flatten() for p in setup.params]))
+    )
     loss = setup.step(torch.Generator().manual_seed(0))
-    grads = torch.cat([p.grad.flatten() for p in setup.params])
+    (grads,) = seen
     update = torch.cat([(p.detach() - b).flatten() for p, b in zip(setup.params, before, strict=True)])
     return loss, grads, update
 

@@ -9,25 +9,15 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from tiny_run import prepared_sd15
 
-from lora_train_core.data.buckets import BucketConfig, epoch_batches, plan_buckets
-from lora_train_core.data.dataset import DatasetConfig, load_dataset
-from lora_train_core.data.latent_cache import CacheConfig, build_latents
+from lora_train_core.data.buckets import epoch_batches
 from lora_train_core.model.network import LoRANetwork, NetworkConfig
-from lora_train_core.model.tiny_models import tiny_backend
 from lora_train_core.optim.optimizers import OptimizerConfig
 from lora_train_core.run.train import TrainConfig, TrainingRecipe, train
 
 SEED, BATCH, LR = 11, 2, 1e-3
 NET = NetworkConfig(network_dim=4, network_alpha=4.0)
-BUCKETS = BucketConfig(resolution=(128, 128), min_bucket_reso=64, max_bucket_reso=256)
-
-
-def _prepared(dataset_dir):
-    backend = tiny_backend("sd15", seed=0)
-    dataset = load_dataset(DatasetConfig(path=dataset_dir))
-    plan = plan_buckets(dataset.images, BUCKETS)
-    return backend, dataset, plan, build_latents(dataset, plan, backend, CacheConfig(mode="ram"))
 
 
 def _plain_step(backend, dataset, plan, latents):
@@ -55,10 +45,10 @@ def _plain_step(backend, dataset, plan, latents):
 
 
 def test_default_step_is_bit_identical_to_the_plain_step(shapes_dataset):
-    backend, dataset, plan, latents = _prepared(shapes_dataset)
+    backend, dataset, plan, latents = prepared_sd15(shapes_dataset)
     plain_loss, plain_weights = _plain_step(backend, dataset, plan, latents)
 
-    backend, dataset, plan, latents = _prepared(shapes_dataset)
+    backend, dataset, plan, latents = prepared_sd15(shapes_dataset)
     recipe = TrainingRecipe(
         train=TrainConfig(max_train_steps=1, train_batch_size=BATCH, seed=SEED),
         network=NET,
