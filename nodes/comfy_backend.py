@@ -20,9 +20,9 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..lora_train_core.data.latent_cache import weights_fingerprint
 from ..lora_train_core.errors import ConfigError, ModelError
 from ..lora_train_core.model.backend import TextConditioning
+from ..lora_train_core.model.fingerprint import weights_fingerprint
 from ..lora_train_core.model.kohya_keys import LoraTarget, sgm_unet_targets, text_encoder_targets
 
 BASE_MODEL_VERSION = {"sd15": "sd_v1", "sdxl": "sdxl_base_v1-0"}

@@ -77,16 +77,6 @@ def file_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
-def weights_fingerprint(state_dict: dict[str, torch.Tensor]) -> str:
-    """SHA-256 over a model's weights (names and float32 values): a cached latent is valid
-    only for the VAE that made it."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(state_dict.items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-    return digest.hexdigest()
-
-
 def entry_key(image_digest: str, assignment: BucketAssignment, vae_fingerprint: str) -> str:
     fields = {
         "format": CACHE_FORMAT,

@@ -28,6 +28,7 @@ from safetensors import safe_open
 from ..atomic_io import atomic_save_safetensors
 from ..errors import ConfigError
 from ..model.backend import Backend, TextConditioning
+from ..model.fingerprint import update_with_weights
 from ..run.train import TrainingRecipe
 from .captions import CaptionConfig, process_caption
 from .dataset import Dataset
@@ -144,10 +145,7 @@ def text_encoder_fingerprint(backend: Backend) -> str | None:
         return getattr(backend, "text_encoder_fingerprint", None)
     digest = hashlib.sha256(backend.family.encode())
     for index, encoder in enumerate(encoders):
-        for name, tensor in sorted(encoder.state_dict().items()):
-            digest.update(f"{index}.{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
-            raw = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
-            digest.update(raw.numpy().tobytes())
+        update_with_weights(digest, encoder.state_dict(), prefix=f"{index}.")
     for tokenizer in getattr(backend, "tokenizers", ()):
         digest.update(f"{type(tokenizer).__name__}:{getattr(tokenizer, 'model_max_length', '')}".encode())
     return digest.hexdigest()

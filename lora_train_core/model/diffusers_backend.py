@@ -17,10 +17,10 @@ import torch.utils.checkpoint
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from torch import nn
 
-from ..data.latent_cache import weights_fingerprint
 from ..errors import ConfigError, ModelError, check_choice
 from ..run.speed import store_in_fp8
 from .backend import TextConditioning
+from .fingerprint import weights_fingerprint
 from .kohya_keys import LoraTarget, text_encoder_targets, unet_targets
 
 FAMILIES = ("sd15", "sdxl")
