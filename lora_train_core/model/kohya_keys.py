@@ -74,7 +74,6 @@ class UNetLayout:
     """
 
     layers_per_block: tuple[int, ...]
-    down_attention: tuple[bool, ...]
     up_attention: tuple[bool, ...]
     mid_attention: bool = True
 
@@ -87,7 +86,6 @@ class UNetLayout:
             layers = [layers] * len(down_types)
         return cls(
             layers_per_block=tuple(layers),
-            down_attention=tuple("Attn" in t for t in down_types),
             up_attention=tuple("Attn" in t for t in up_types),
             mid_attention="Attn" in str(config.get("mid_block_type", "UNetMidBlock2DCrossAttn")),
         )
@@ -109,8 +107,8 @@ class UNetLayout:
         return [(i, j) for i, layers in enumerate(reversed(self.layers_per_block)) for j in range(layers + 1)]
 
 
-SD15_LAYOUT = UNetLayout((2, 2, 2, 2), (True, True, True, False), (False, True, True, True))
-SDXL_LAYOUT = UNetLayout((2, 2, 2), (False, True, True), (True, True, False))
+SD15_LAYOUT = UNetLayout((2, 2, 2, 2), (False, True, True, True))
+SDXL_LAYOUT = UNetLayout((2, 2, 2), (True, True, False))
 
 
 def unet_targets(unet: nn.Module, family: str, include_conv: bool) -> list[LoraTarget]:

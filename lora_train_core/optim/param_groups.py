@@ -183,15 +183,14 @@ def per_module_dims(
     conv_block_dims: Sequence[int] | None = None,
     conv_block_alphas: Sequence[float] | None = None,
     conv3x3_modules: frozenset[str] = frozenset(),
-    block_lr_weights: Sequence[float] | None = None,
 ) -> tuple[dict[str, int], dict[str, float]]:
     """Rank and alpha of each UNet module from kohya's block_dims / block_alphas / conv_block_*.
 
     Lists hold one value per block (25 SD1.5, 23 SDXL). Linear and 1×1 modules read
     block_*, modules in `conv3x3_modules` read conv_block_*. Only what the lists decide is
     returned: text-encoder modules, and modules whose list is None, keep network_dim /
-    network_alpha (conv_dim / conv_alpha). Dim 0 (also where block_lr_weights is 0) means
-    "no LoRA here". kohya `get_block_dims_and_alphas`, `remove_block_dims_and_alphas`.
+    network_alpha (conv_dim / conv_alpha). Dim 0 means "no LoRA here" (modules in blocks of lr
+    weight 0 are dropped before, by `excluded_modules`). kohya `get_block_dims_and_alphas`.
     """
     check_choice("family", family, FAMILIES)
     n_total = _BLOCK_COUNTS[family][2]
@@ -200,7 +199,6 @@ def per_module_dims(
         "block_alphas": block_alphas,
         "conv_block_dims": conv_block_dims,
         "conv_block_alphas": conv_block_alphas,
-        "block_lr_weights": block_lr_weights,
     }
     for field, values in lists.items():
         if values is not None and len(values) != n_total:
@@ -219,8 +217,7 @@ def per_module_dims(
         conv = module in conv3x3_modules
         dim_list, alpha_list = (conv_block_dims, conv_block_alphas) if conv else (block_dims, block_alphas)
         if dim_list is not None:
-            dropped = block_lr_weights is not None and block_lr_weights[idx] == 0
-            dims[module] = 0 if dropped else int(dim_list[idx])
+            dims[module] = int(dim_list[idx])
         if alpha_list is not None:
             alphas[module] = float(alpha_list[idx])
     return dims, alphas
