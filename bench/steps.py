@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lora_train_core.families import get_family
 from lora_train_core.model.diffusers_backend import kohya_alphas_cumprod
 from lora_train_core.model.kohya_keys import unet_targets
 from lora_train_core.model.network import LoRAModule, LoRANetwork, NetworkConfig
@@ -142,7 +143,7 @@ def build_ours(
     if fast.fp8_base:
         store_in_fp8(unet)
     network = LoRANetwork(
-        unet_targets(unet, case.family, include_conv=False),
+        unet_targets(unet, get_family(case.family), include_conv=False),
         NetworkConfig(network_dim=RANK, network_alpha=RANK),
     )
     if case.gradient_checkpointing:

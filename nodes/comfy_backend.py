@@ -21,16 +21,13 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..lora_train_core.errors import ConfigError, ModelError
+from ..lora_train_core.families import get_family
 from ..lora_train_core.model.backend import TextConditioning
 from ..lora_train_core.model.fingerprint import weights_fingerprint
 from ..lora_train_core.model.kohya_keys import LoraTarget, sgm_unet_targets, text_encoder_targets
 
-BASE_MODEL_VERSION = {"sd15": "sd_v1", "sdxl": "sdxl_base_v1-0"}
-MODELSPEC_ARCHITECTURE = {"sd15": "stable-diffusion-v1/lora", "sdxl": "stable-diffusion-xl-v1-base/lora"}
-TE_PREFIXES = {
-    "sd15": (("clip_l", "lora_te"),),
-    "sdxl": (("clip_l", "lora_te1"), ("clip_g", "lora_te2")),
-}  # kohya trains on one 77-token window; ComfyUI would append more chunks
+# ComfyUI's CLIP attribute of each text encoder, in the order of the family's text_encoder_prefixes
+CLIP_ATTRIBUTES = {"sd15": ("clip_l",), "sdxl": ("clip_l", "clip_g")}
 
 
 def model_family(model) -> str:
@@ -53,6 +50,7 @@ class ComfyBackend:
     def __init__(self, model, clip=None, vae=None):
         self.model, self.clip, self.vae = model, clip, vae
         self.family = model_family(model)
+        self.family_spec = get_family(self.family)
         self.device = model.load_device
         self.diffusion_model: nn.Module = model.model.diffusion_model
         self.compute_dtype = model.model.manual_cast_dtype or model.model.get_dtype()
@@ -62,9 +60,6 @@ class ComfyBackend:
             "v_prediction" if isinstance(sampling, comfy.model_sampling.V_PREDICTION) else "epsilon"
         )
         self.alphas_cumprod = (1.0 / (1.0 + sampling.sigmas.to(torch.float32) ** 2)).to(self.device)
-        self.latent_downscale = 8
-        self.base_model_version = BASE_MODEL_VERSION[self.family]
-        self.modelspec_architecture = MODELSPEC_ARCHITECTURE[self.family]
         self._checkpointed: list[nn.Module] = []
         self._layers_out_of_place: list[nn.Module] = []
 
@@ -113,11 +108,14 @@ class ComfyBackend:
         hidden, pooled = [], []
         for caption in captions:
             tokens = self.clip.tokenize(caption, disable_weights=True)
-            tokens = {k: v[:1] for k, v in tokens.items()}  # first 77-token window, as kohya truncates
+            # kohya trains on one 77-token window; ComfyUI would append more chunks
+            tokens = {k: v[:1] for k, v in tokens.items()}
             cond, pool = self.clip.encode_from_tokens(tokens, return_pooled=True)
             hidden.append(cond.to(self.device))
             pooled.append(pool.to(self.device) if pool is not None else None)
-        return TextConditioning(torch.cat(hidden), torch.cat(pooled) if self.family == "sdxl" else None)
+        return TextConditioning(
+            torch.cat(hidden), torch.cat(pooled) if self.family_spec.pooled_text else None
+        )
 
     # --- prediction ---------------------------------------------------------------------------
     def predict(
@@ -127,7 +125,7 @@ class ComfyBackend:
         text: TextConditioning,
         size_conditioning: torch.Tensor | None,
     ) -> torch.Tensor:
-        y = self._sdxl_vector(text, size_conditioning) if self.family == "sdxl" else None
+        y = self._sdxl_vector(text, size_conditioning) if self.family_spec.size_conditioning else None
         return self.diffusion_model(
             noisy_latents.to(self.device, self.compute_dtype),
             timesteps.to(self.device).float(),
@@ -147,13 +145,15 @@ class ComfyBackend:
     def lora_targets(self, include_conv: bool, unet: bool, text_encoder: bool) -> list[LoraTarget]:
         targets: list[LoraTarget] = []
         if unet:
-            rename = str if self.family == "sdxl" else _sgm_to_diffusers(self.model).__getitem__
+            sgm_names = self.family_spec.unet_names == "sgm"
+            rename = str if sgm_names else _sgm_to_diffusers(self.model).__getitem__
             targets += sgm_unet_targets(self.diffusion_model, include_conv=include_conv, rename=rename)
         if text_encoder:
             if self.clip is None:
                 raise ConfigError("Train LoRA: training the text encoder needs the CLIP input")
             encoders = self.clip.cond_stage_model
-            for attr, prefix in TE_PREFIXES[self.family]:
+            prefixes = self.family_spec.text_encoder_prefixes
+            for attr, prefix in zip(CLIP_ATTRIBUTES[self.family], prefixes, strict=True):
                 targets += text_encoder_targets(getattr(encoders, attr), prefix)
         return targets
 

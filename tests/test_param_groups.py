@@ -153,7 +153,7 @@ def test_sdxl_takes_one_text_encoder_lr_per_encoder():
 
 
 def test_two_text_encoder_lrs_for_sd15_is_an_error():
-    with pytest.raises(ConfigError, match=r"SD1.5 has one text encoder"):
+    with pytest.raises(ConfigError, match=r"has 2 values but SD1\.x/2\.x has 1 text encoder"):
         build_param_groups(
             lora_params([SD15_TE]), "sd15", OptimizerConfig(text_encoder_lr=(1e-5, 2e-5)), None
         )

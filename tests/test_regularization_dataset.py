@@ -88,8 +88,6 @@ def test_metadata_counts_reg_images_apart_and_tags_every_folder_as_kohya(tmp_pat
     meta = training_metadata(
         recipe=TrainingRecipe(TrainConfig()),
         family="sd15",
-        base_model_version="sd_v1",
-        modelspec_architecture="stable-diffusion-v1/lora",
         prediction_type="epsilon",
         dataset=dataset,
         plan=plan,

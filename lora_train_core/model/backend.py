@@ -16,6 +16,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
+from ..families import ModelFamily
 from .kohya_keys import LoraTarget
 
 
@@ -48,13 +49,11 @@ class TextConditioning:
 class Backend(Protocol):
     """What `train()` needs from a model family (see DESIGN.md, "The backend protocol")."""
 
-    family: str  # "sd15" (SD1.x/2.x UNet layout) or "sdxl"
+    family: str  # the family's name, e.g. "sd15" (SD1.x/2.x) or "sdxl"
+    family_spec: ModelFamily  # the family's row of the table (families/): keys, strings, layout
     prediction_type: str  # "epsilon" or "v_prediction"
     device: torch.device
     alphas_cumprod: torch.Tensor  # (T,) float32, DDPM ā_t on `device`
-    latent_downscale: int  # image pixels per latent pixel (8 for SD)
-    base_model_version: str  # kohya's ss_base_model_version
-    modelspec_architecture: str  # SAI model spec, e.g. "stable-diffusion-v1/lora"
     fingerprint: str  # identifies the VAE weights, for the latent cache key
 
     def encode_images(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:

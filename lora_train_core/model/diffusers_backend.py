@@ -18,18 +18,11 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from torch import nn
 
 from ..errors import ConfigError, ModelError, check_choice
+from ..families import FAMILIES, ModelFamily, get_family
 from ..run.speed import store_in_fp8
 from .backend import TextConditioning
 from .fingerprint import weights_fingerprint
 from .kohya_keys import LoraTarget, text_encoder_targets, unet_targets
-
-FAMILIES = ("sd15", "sdxl")
-TE_PREFIXES = {"sd15": ("lora_te",), "sdxl": ("lora_te1", "lora_te2")}
-BASE_MODEL_VERSION = {"sd15": "sd_v1", "sdxl": "sdxl_base_v1-0"}
-MODELSPEC_ARCHITECTURE = {
-    "sd15": "stable-diffusion-v1/lora",
-    "sdxl": "stable-diffusion-xl-v1-base/lora",
-}
 
 
 def kohya_alphas_cumprod() -> torch.Tensor:
@@ -71,12 +64,11 @@ class DiffusersBackend:
         """weight_dtype: the frozen weights' and the UNet inputs' dtype (the mixed-precision dtype).
         fp8_unet: store the UNet's weights as float8 instead (speed.fp8_base); they are cast to
         weight_dtype where used, under the training step's autocast."""
-        check_choice("model.family", family, FAMILIES)
+        self.family_spec = get_family(family)
         check_choice("model.prediction_type", prediction_type, ("epsilon", "v_prediction"))
-        if len(text_encoders) != len(TE_PREFIXES[family]):
-            raise ModelError(
-                f"a {family} model has {len(TE_PREFIXES[family])} text encoder(s), got {len(text_encoders)}"
-            )
+        encoders = len(self.family_spec.text_encoder_prefixes)
+        if len(text_encoders) != encoders:
+            raise ModelError(f"a {family} model has {encoders} text encoder(s), got {len(text_encoders)}")
         self.family = family
         self.prediction_type = prediction_type
         self.device = torch.device(device)
@@ -94,9 +86,6 @@ class DiffusersBackend:
         self.text_encoders = [_place(te, self.device, weight_dtype) for te in text_encoders]
         self.tokenizers = list(tokenizers)
         self.alphas_cumprod = kohya_alphas_cumprod().to(self.device)
-        self.latent_downscale = 2 ** (len(vae.config.block_out_channels) - 1)
-        self.base_model_version = BASE_MODEL_VERSION[family]
-        self.modelspec_architecture = MODELSPEC_ARCHITECTURE[family]
 
     @cached_property
     def fingerprint(self) -> str:
@@ -109,13 +98,21 @@ class DiffusersBackend:
         return posterior.sample(generator) * self.vae.config.scaling_factor
 
     def encode_text(self, captions: Sequence[str]) -> TextConditioning:
-        ids = [self._token_ids(tok, captions) for tok in self.tokenizers]
-        if self.family == "sd15":
-            return TextConditioning(self.text_encoders[0](ids[0]).last_hidden_state)
-        out1 = self.text_encoders[0](ids[0], output_hidden_states=True)
-        out2 = self.text_encoders[1](ids[1], output_hidden_states=True)
-        hidden = torch.cat([out1.hidden_states[-2], out2.hidden_states[-2]], dim=-1)
-        return TextConditioning(hidden, out2.text_embeds)
+        return self.encode_token_ids([self._token_ids(tok, captions) for tok in self.tokenizers])
+
+    def encode_token_ids(self, ids: Sequence[torch.Tensor]) -> TextConditioning:
+        """Run each text encoder on its tokenizer's ids, as the family conditions its UNet: each
+        encoder's last (final-norm) or penultimate hidden state, concatenated, and the last
+        encoder's pooled projection where the family uses it (kohya `sdxl_train_util`)."""
+        family = self.family_spec
+        penultimate = family.text_hidden_state == "penultimate"
+        outputs = [
+            encoder(token_ids.to(self.device), output_hidden_states=penultimate)
+            for encoder, token_ids in zip(self.text_encoders, ids, strict=True)
+        ]
+        states = [out.hidden_states[-2] if penultimate else out.last_hidden_state for out in outputs]
+        hidden = states[0] if len(states) == 1 else torch.cat(states, dim=-1)
+        return TextConditioning(hidden, outputs[-1].text_embeds if family.pooled_text else None)
 
     def _token_ids(self, tokenizer, captions: Sequence[str]) -> torch.Tensor:
         return tokenizer(
@@ -134,7 +131,7 @@ class DiffusersBackend:
         size_conditioning: torch.Tensor | None,
     ) -> torch.Tensor:
         added = None
-        if self.family == "sdxl":
+        if self.family_spec.size_conditioning:
             if size_conditioning is None or text.pooled is None:
                 raise ValueError("SDXL needs pooled text embeddings and size conditioning")
             added = {"text_embeds": text.pooled, "time_ids": size_conditioning.to(self.device)}
@@ -148,9 +145,9 @@ class DiffusersBackend:
     def lora_targets(self, include_conv: bool, unet: bool, text_encoder: bool) -> list[LoraTarget]:
         targets: list[LoraTarget] = []
         if unet:
-            targets += unet_targets(self.unet, self.family, include_conv)
+            targets += unet_targets(self.unet, self.family_spec, include_conv)
         if text_encoder:
-            for te, prefix in zip(self.text_encoders, TE_PREFIXES[self.family], strict=True):
+            for te, prefix in zip(self.text_encoders, self.family_spec.text_encoder_prefixes, strict=True):
                 targets += text_encoder_targets(te, prefix)
         return targets
 
@@ -218,7 +215,8 @@ def load_diffusers_backend(
         raise ModelError(
             f"model.path: {str(path)!r} is an {family} model, but model.family is {cfg.family!r}"
         )
-    parts = _load_folder(path, family) if path.is_dir() else _load_single_file(path, family)
+    spec = get_family(family)
+    parts = _load_folder(path, spec) if path.is_dir() else _load_single_file(path, spec)
     prediction_type = "v_prediction" if cfg.v_parameterization else "epsilon"
     return DiffusersBackend(
         *parts,
@@ -230,7 +228,13 @@ def load_diffusers_backend(
     )
 
 
-def _load_folder(path: Path, family: str):
+def text_encoder_suffixes(family: ModelFamily) -> list[str]:
+    """diffusers' name suffix of each text encoder and its tokenizer, in the family's encoder order:
+    `text_encoder`, `text_encoder_2`, ... (the pipelines' arguments and the model folders' names)."""
+    return ["" if i == 0 else f"_{i + 1}" for i in range(len(family.text_encoder_prefixes))]
+
+
+def _load_folder(path: Path, family: ModelFamily):
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     missing = [d for d in ("unet", "vae", "text_encoder", "tokenizer") if not (path / d).is_dir()]
@@ -238,25 +242,27 @@ def _load_folder(path: Path, family: str):
         raise ModelError(
             f"model.path: {str(path)!r} is not a diffusers model folder (missing {', '.join(missing)}/)"
         )
+    suffixes = text_encoder_suffixes(family)
+    # the last encoder's projection gives the pooled text, where the family uses it
+    classes = [CLIPTextModel] * (len(suffixes) - 1)
+    classes.append(CLIPTextModelWithProjection if family.pooled_text else CLIPTextModel)
     try:
         unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet")
         vae = AutoencoderKL.from_pretrained(path, subfolder="vae")
-        text_encoders = [CLIPTextModel.from_pretrained(path, subfolder="text_encoder")]
-        tokenizers = [CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")]
-        if family == "sdxl":
-            text_encoders.append(
-                CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2")
-            )
-            tokenizers.append(CLIPTokenizer.from_pretrained(path, subfolder="tokenizer_2"))
+        text_encoders = [
+            cls.from_pretrained(path, subfolder=f"text_encoder{suffix}")
+            for cls, suffix in zip(classes, suffixes, strict=True)
+        ]
+        tokenizers = [CLIPTokenizer.from_pretrained(path, subfolder=f"tokenizer{s}") for s in suffixes]
     except (OSError, ValueError) as exc:
         raise ModelError(f"model.path: cannot load the model in {str(path)!r}: {exc}") from exc
     return unet, vae, text_encoders, tokenizers
 
 
-def _load_single_file(path: Path, family: str):
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+def _load_single_file(path: Path, family: ModelFamily):
+    import diffusers
 
-    pipeline_class = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
+    pipeline_class = getattr(diffusers, family.diffusers_pipeline)
     try:
         pipe = pipeline_class.from_single_file(str(path))
     except Exception as exc:
@@ -264,14 +270,9 @@ def _load_single_file(path: Path, family: str):
             f"model.path: cannot load the checkpoint {str(path)!r} ({exc}). diffusers needs the model's "
             "configs, which it downloads once; offline, convert the checkpoint to a diffusers folder first"
         ) from exc
-    if family == "sdxl":
-        return (
-            pipe.unet,
-            pipe.vae,
-            [pipe.text_encoder, pipe.text_encoder_2],
-            [pipe.tokenizer, pipe.tokenizer_2],
-        )
-    return pipe.unet, pipe.vae, [pipe.text_encoder], [pipe.tokenizer]
+    suffixes = text_encoder_suffixes(family)
+    text_encoders = [getattr(pipe, f"text_encoder{suffix}") for suffix in suffixes]
+    return pipe.unet, pipe.vae, text_encoders, [getattr(pipe, f"tokenizer{suffix}") for suffix in suffixes]
 
 
 __all__ = ["ConfigError", "DiffusersBackend", "ModelConfig", "detect_family", "load_diffusers_backend"]

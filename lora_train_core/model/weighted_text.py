@@ -25,17 +25,11 @@ from ..data.captions import parse_weighted_caption
 from ..errors import ConfigError, ModelError
 from .backend import TextConditioning
 
-SUPPORTED_FAMILIES = ("sd15", "sdxl")
-
 
 def check_weighted_captions_supported(backend) -> None:
     """Raise ConfigError unless `backend` exposes its tokenizers and text encoders
     (DiffusersBackend does; the ComfyUI backend does not yet)."""
-    if (
-        not getattr(backend, "tokenizers", None)
-        or not getattr(backend, "text_encoders", None)
-        or getattr(backend, "family", None) not in SUPPORTED_FAMILIES
-    ):
+    if not getattr(backend, "tokenizers", None) or not getattr(backend, "text_encoders", None):
         raise ConfigError(
             "captions.weighted_captions is not supported by this backend yet; "
             "set captions.weighted_captions = false"
@@ -50,19 +44,15 @@ def encode_weighted_captions(backend, captions: Sequence[str]) -> TextConditioni
     """
     check_weighted_captions_supported(backend)
     tokenized = [weighted_token_ids(tokenizer, captions) for tokenizer in backend.tokenizers]
-    ids = [token_ids.to(backend.device) for token_ids, _ in tokenized]
     weights = tokenized[0][1]
-    if backend.family == "sd15":
-        hidden = backend.text_encoders[0](ids[0]).last_hidden_state
-        return TextConditioning(_weighted(hidden, weights))
-    if not torch.equal(weights, tokenized[1][1]):
-        # Both SDXL tokenizers share CLIP's vocabulary, so their tokens line up; one weight
+    if any(not torch.equal(weights, other) for _, other in tokenized[1:]):
+        # SDXL's two tokenizers share CLIP's vocabulary, so their tokens line up; one weight
         # per position across the concatenated states needs that.
-        raise ModelError("SDXL's two tokenizers split a weighted caption differently; cannot weight it")
-    out1 = backend.text_encoders[0](ids[0], output_hidden_states=True)
-    out2 = backend.text_encoders[1](ids[1], output_hidden_states=True)
-    hidden = torch.cat([out1.hidden_states[-2], out2.hidden_states[-2]], dim=-1)
-    return TextConditioning(_weighted(hidden, weights), out2.text_embeds)
+        raise ModelError(
+            f"{backend.family_spec.title}'s tokenizers split a weighted caption differently; cannot weight it"
+        )
+    text = backend.encode_token_ids([token_ids for token_ids, _ in tokenized])
+    return TextConditioning(_weighted(text.hidden, weights), text.pooled)
 
 
 def weighted_token_ids(tokenizer, captions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:

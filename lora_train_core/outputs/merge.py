@@ -32,22 +32,22 @@ import torch
 from torch import Tensor
 
 from ..errors import ConfigError, ModelError, check_choice, check_int
+from ..families import FAMILIES
+from ..model.kohya_keys import UNET_BLOCK_ROOTS, UNET_PREFIX
 from .export import SAVE_DTYPES, read_metadata, save_lora
 
 MODES = ("concat", "svd")
 # metadata that names the architecture: inputs must agree on it, the merged file keeps it
 ARCHITECTURE_KEYS = ("ss_base_model_version", "ss_v2", "modelspec.architecture")
 _SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha")
-# kohya's prefixes tell SD1.x/2.x (diffusers paths, one text encoder) from SDXL (SGM paths, two)
+# kohya's prefixes tell the families apart: their text encoders' and their UNet blocks' names
+# (SD1.x/2.x: `lora_te_`, diffusers paths; SDXL: `lora_te1_`/`lora_te2_`, SGM paths)
 _KEY_SCHEMES = {
-    "SD1.x/2.x": ("lora_te_", "lora_unet_down_blocks_", "lora_unet_mid_block_", "lora_unet_up_blocks_"),
-    "SDXL": (
-        "lora_te1_",
-        "lora_te2_",
-        "lora_unet_input_blocks_",
-        "lora_unet_middle_block_",
-        "lora_unet_output_blocks_",
-    ),
+    family.title: (
+        *(f"{prefix}_" for prefix in family.text_encoder_prefixes),
+        *(f"{UNET_PREFIX}_{root}_" for root in UNET_BLOCK_ROOTS[family.unet_names]),
+    )
+    for family in FAMILIES.values()
 }
 
 

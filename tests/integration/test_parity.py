@@ -54,7 +54,7 @@ def latents_and_noise(batch=2):
 
 
 def test_comfy_backend_describes_the_model_as_diffusers_does(comfy_backend, diffusers_backend):
-    for attribute in ("family", "prediction_type", "latent_downscale", "base_model_version"):
+    for attribute in ("family", "family_spec", "prediction_type"):
         assert getattr(comfy_backend, attribute) == getattr(diffusers_backend, attribute), attribute
     assert (comfy_backend.family, comfy_backend.prediction_type) == ("sd15", "epsilon")
 
