@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from lora_train_core.families import get_family
 from lora_train_core.model.diffusers_backend import kohya_alphas_cumprod
+from lora_train_core.model.fp8 import store_in_fp8
 from lora_train_core.model.kohya_keys import unet_targets
 from lora_train_core.model.network import LoRAModule, LoRANetwork, NetworkConfig
 from lora_train_core.objective.loss import LossConfig, training_loss
@@ -35,7 +36,6 @@ from lora_train_core.optim.optimizers import OptimizerConfig, build_optimizer
 from lora_train_core.optim.param_groups import build_param_groups
 from lora_train_core.run.cuda_graphs import GraphedBackward
 from lora_train_core.run.distributed import SINGLE_PROCESS, DataParallel
-from lora_train_core.run.speed import store_in_fp8
 
 from .models import Case, StepInputs, build_unet
 

@@ -21,10 +21,11 @@ from lora_train_core.data.buckets import BucketConfig, plan_buckets
 from lora_train_core.data.dataset import DatasetConfig, load_dataset
 from lora_train_core.data.latent_cache import CacheConfig, build_latents
 from lora_train_core.errors import ConfigError
+from lora_train_core.model.fp8 import FP8_STORAGE
 from lora_train_core.model.network import NetworkConfig
 from lora_train_core.model.tiny_models import tiny_backend
 from lora_train_core.optim.optimizers import OptimizerConfig
-from lora_train_core.run.speed import FP8_STORAGE, SpeedConfig, check_speed
+from lora_train_core.run.speed import SpeedConfig, check_speed
 from lora_train_core.run.train import TrainConfig, TrainingRecipe, train
 
 LEARNING_RATE = 1e-3

@@ -19,9 +19,9 @@ from torch import nn
 
 from ..errors import ConfigError, ModelError, check_choice
 from ..families import FAMILIES, ModelFamily, get_family
-from ..run.speed import store_in_fp8
 from .backend import TextConditioning
 from .fingerprint import weights_fingerprint
+from .fp8 import store_in_fp8
 from .kohya_keys import LoraTarget, text_encoder_targets, unet_targets
 
 

@@ -11,8 +11,8 @@ compile_blocks: `torch.compile` each repeated block of the denoiser (regional
     compilation: one compiled graph per block shape, compiled once).
 cudnn_benchmark: let cuDNN time its convolution algorithms for each new shape.
 fp8_base: store the frozen UNet's Linear and Conv2d weights as float8 (e4m3fn),
-    as kohya's `--fp8_base`; autocast casts them to the mixed-precision dtype where
-    used. This one changes results (the weights are rounded to 3 mantissa bits).
+    as kohya's `--fp8_base` (model/fp8.py); autocast casts them to the mixed-precision
+    dtype where used. This one changes results (the weights are rounded to 3 mantissa bits).
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ COMPILE_BLOCKS = {
     "transformer": ("BasicTransformerBlock",),
     "transformer+resnet": ("BasicTransformerBlock", "ResnetBlock2D"),
 }
-FP8_STORAGE = torch.float8_e4m3fn
 
 
 @dataclass(frozen=True)
@@ -126,16 +125,3 @@ def cudnn_benchmark(enabled: bool) -> Iterator[None]:
         yield
     finally:
         torch.backends.cudnn.benchmark = before
-
-
-def store_in_fp8(module: nn.Module) -> nn.Module:
-    """The Linear and Conv2d weights of frozen `module` stored as float8 e4m3fn (a plain cast, as
-    kohya's --fp8_base); they are over 99% of a UNet's bytes. Norms and biases keep their dtype:
-    autocast casts linear/conv weights to the compute dtype where used on every device, but not
-    the weights of norms on the CPU."""
-    if any(p.requires_grad for p in module.parameters()):
-        raise ValueError("store_in_fp8: the module has trainable parameters; fp8 is for frozen weights")
-    for layer in module.modules():
-        if isinstance(layer, nn.Linear | nn.Conv2d):
-            layer.weight.data = layer.weight.data.to(FP8_STORAGE)
-    return module
