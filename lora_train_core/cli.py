@@ -112,7 +112,7 @@ def _train(args) -> int:
     dataset = load_dataset(cfg.dataset)
     device = _device(args.device)
     weight_dtype = MIXED_PRECISION[cfg.recipe.train.mixed_precision] or torch.float32
-    backend = load_diffusers_backend(cfg.model, device, weight_dtype, fp8_unet=cfg.recipe.speed.fp8_base)
+    backend = load_diffusers_backend(cfg.model, device, weight_dtype, fp8_base=cfg.recipe.speed.fp8_base)
     bar = ProgressBar()
     try:
         with _StopOnSignal(bar) as on_step:

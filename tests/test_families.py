@@ -60,6 +60,7 @@ def test_metadata_strings_are_the_ones_kohya_writes(name, tmp_path):
         recipe=TrainingRecipe(TrainConfig()),
         family=name,
         prediction_type="epsilon",
+        fp8_base=False,
         dataset=dataset,
         plan=plan,
         output_name="x",

@@ -8,7 +8,7 @@ import torch
 
 from lora_train_core.model.fingerprint import (
     sampled_weights_fingerprint,
-    update_with_weights,
+    text_encoders_fingerprint,
     weights_fingerprint,
 )
 
@@ -27,14 +27,15 @@ def test_weights_fingerprint_is_sha256_of_names_and_float32_values_in_name_order
     assert weights_fingerprint(weights) == digest.hexdigest()
 
 
-def test_update_with_weights_feeds_name_dtype_shape_and_stored_bytes():
+def test_text_encoders_fingerprint_covers_family_stored_bytes_and_tokenizers():
     weights = _weights()
-    expected = hashlib.sha256()
+    expected = hashlib.sha256(b"sdxl")
     expected.update(b"0.a.bias:torch.float16:(7,)" + weights["a.bias"].numpy().tobytes())
     expected.update(b"0.b.weight:torch.float32:(10, 30)" + weights["b.weight"].numpy().tobytes())
-    digest = hashlib.sha256()
-    update_with_weights(digest, weights, prefix="0.")
-    assert digest.hexdigest() == expected.hexdigest()
+    expected.update(b"1.a.bias:torch.float16:(7,)" + weights["a.bias"].numpy().tobytes())
+    expected.update(b"1.b.weight:torch.float32:(10, 30)" + weights["b.weight"].numpy().tobytes())
+    expected.update(b"CLIPTokenizer:77")
+    assert text_encoders_fingerprint("sdxl", [weights, weights], ["CLIPTokenizer:77"]) == expected.hexdigest()
 
 
 def test_sampled_fingerprint_hashes_a_fixed_stride_of_each_tensor():

@@ -89,6 +89,7 @@ def test_metadata_counts_reg_images_apart_and_tags_every_folder_as_kohya(tmp_pat
         recipe=TrainingRecipe(TrainConfig()),
         family="sd15",
         prediction_type="epsilon",
+        fp8_base=False,
         dataset=dataset,
         plan=plan,
         output_name="x",

@@ -114,7 +114,7 @@ def test_fp8_base_must_match_how_the_model_was_loaded(sd15_backend):
 
 def test_fp8_base_needs_mixed_precision():
     with pytest.raises(ConfigError, match=r"train\.mixed_precision 'bf16' or 'fp16'"):
-        tiny_backend("sd15", fp8_unet=True)
+        tiny_backend("sd15", fp8_base=True)
 
 
 def test_compiled_blocks_give_the_eager_losses_and_weights(shapes_dataset):
@@ -130,7 +130,7 @@ def test_compiled_blocks_give_the_eager_losses_and_weights(shapes_dataset):
 
 
 def test_fp8_base_stores_linear_and_conv_weights_in_float8_and_trains(shapes_dataset):
-    backend = tiny_backend("sd15", weight_dtype=torch.bfloat16, fp8_unet=True)
+    backend = tiny_backend("sd15", weight_dtype=torch.bfloat16, fp8_base=True)
     layers = [m for m in backend.unet.modules() if isinstance(m, torch.nn.Linear | torch.nn.Conv2d)]
     assert layers and all(m.weight.dtype == FP8_STORAGE for m in layers)
     norms = [m for m in backend.unet.modules() if isinstance(m, torch.nn.GroupNorm | torch.nn.LayerNorm)]

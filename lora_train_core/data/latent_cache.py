@@ -126,7 +126,7 @@ def build_latents(
     cache_dir = (cfg.cache_dir or dataset.root / ".latent_cache") if cfg.mode == "disk" else None
     samples = []
     for i, (record, assignment) in enumerate(zip(dataset.images, plan.assignments, strict=True)):
-        key = entry_key(file_digest(record.path), assignment, backend.fingerprint)
+        key = entry_key(file_digest(record.path), assignment, backend.vae_fingerprint)
         sample = _read_entry(cache_dir, key) if cache_dir else None
         if sample is None:
             sample = _encode(record.path, record.size, assignment, backend, key)

@@ -1,8 +1,8 @@
 """SD1.x/2.x and SDXL on diffusers + transformers models (the CLI's backend).
 
-Text encoding follows kohya: SD1.x/2.x use the encoder's last hidden state;
-SDXL concatenates the penultimate hidden states of both encoders and takes the
-pooled, projected output of the second (`sdxl_train_util`).
+Text encoding follows kohya, as the family's row says: SD1.x/2.x use the encoder's
+last hidden state; SDXL concatenates the penultimate hidden states of both encoders
+and takes the pooled, projected output of the second (`sdxl_train_util`).
 """
 
 from __future__ import annotations
@@ -19,10 +19,11 @@ from torch import nn
 
 from ..errors import ConfigError, ModelError, check_choice
 from ..families import FAMILIES, ModelFamily, get_family
-from .backend import TextConditioning
-from .fingerprint import weights_fingerprint
+from .backend import PipelineParts, TextConditioning
+from .fingerprint import sampled_weights_fingerprint, text_encoders_fingerprint, weights_fingerprint
 from .fp8 import store_in_fp8
 from .kohya_keys import LoraTarget, text_encoder_targets, unet_targets
+from .weighted_text import encode_weighted_captions
 
 
 def kohya_alphas_cumprod() -> torch.Tensor:
@@ -59,11 +60,13 @@ class DiffusersBackend:
         prediction_type: str = "epsilon",
         device: torch.device | str = "cpu",
         weight_dtype: torch.dtype = torch.float32,
-        fp8_unet: bool = False,
+        fp8_base: bool = False,
+        model_name: str = "in-memory",
     ):
         """weight_dtype: the frozen weights' and the UNet inputs' dtype (the mixed-precision dtype).
-        fp8_unet: store the UNet's weights as float8 instead (speed.fp8_base); they are cast to
-        weight_dtype where used, under the training step's autocast."""
+        fp8_base: store the UNet's weights as float8 instead (speed.fp8_base); they are cast to
+        weight_dtype where used, under the training step's autocast.
+        model_name: `base_model_name`, what a saved LoRA records (the model path's name)."""
         self.family_spec = get_family(family)
         check_choice("model.prediction_type", prediction_type, ("epsilon", "v_prediction"))
         encoders = len(self.family_spec.text_encoder_prefixes)
@@ -76,28 +79,45 @@ class DiffusersBackend:
         # The VAE stays fp32: SDXL's VAE overflows in fp16, and it runs once per image when caching.
         self.vae = _place(vae, self.device, torch.float32).eval()
         self.unet = _place(unet, self.device, weight_dtype)
-        if fp8_unet:
+        if fp8_base:
             if weight_dtype == torch.float32:
                 raise ConfigError(
                     "speed.fp8_base: needs train.mixed_precision 'bf16' or 'fp16' to compute in"
                 )
             self.unet = store_in_fp8(self.unet)
-        self.fp8_unet = fp8_unet
+        self.fp8_base = fp8_base
         self.text_encoders = [_place(te, self.device, weight_dtype) for te in text_encoders]
         self.tokenizers = list(tokenizers)
         self.alphas_cumprod = kohya_alphas_cumprod().to(self.device)
+        self.base_model_name = model_name
 
     @cached_property
-    def fingerprint(self) -> str:
-        """The VAE's weights fingerprint, for the latent cache key (computed when first asked)."""
+    def vae_fingerprint(self) -> str:
+        """`weights_fingerprint` of the VAE (computed when first asked)."""
         return weights_fingerprint(self.vae.state_dict())
+
+    @cached_property
+    def text_encoder_fingerprint(self) -> str:
+        """`text_encoders_fingerprint` of the encoders, with each tokenizer's class and length."""
+        tokenizers = [f"{type(t).__name__}:{t.model_max_length}" for t in self.tokenizers]
+        return text_encoders_fingerprint(
+            self.family, [te.state_dict() for te in self.text_encoders], tokenizers
+        )
+
+    def base_model_fingerprint(self) -> str:
+        """`sampled_weights_fingerprint` of the UNet's state dict (its weights as loaded: float8 with
+        fp8_base, else weight_dtype)."""
+        return sampled_weights_fingerprint(self.unet.state_dict())
 
     @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         posterior = self.vae.encode(pixels.to(self.device, torch.float32)).latent_dist
         return posterior.sample(generator) * self.vae.config.scaling_factor
 
-    def encode_text(self, captions: Sequence[str]) -> TextConditioning:
+    def encode_text(self, captions: Sequence[str], weighted: bool = False) -> TextConditioning:
+        """weighted: model/weighted_text.py, kohya's `--weighted_captions`."""
+        if weighted:
+            return encode_weighted_captions(self, captions)
         return self.encode_token_ids([self._token_ids(tok, captions) for tok in self.tokenizers])
 
     def encode_token_ids(self, ids: Sequence[torch.Tensor]) -> TextConditioning:
@@ -154,6 +174,22 @@ class DiffusersBackend:
     def trainable_modules(self) -> list[nn.Module]:
         return [self.unet, *self.text_encoders]
 
+    def parkable_modules(self, latents_cached: bool, text_cached: bool) -> list[nn.Module]:
+        return ([self.vae] if latents_cached else []) + (list(self.text_encoders) if text_cached else [])
+
+    def pipeline_parts(self) -> PipelineParts:
+        return PipelineParts(
+            family=self.family_spec,
+            unet=self.unet,
+            vae=self.vae,
+            text_encoders=tuple(self.text_encoders),
+            tokenizers=tuple(self.tokenizers),
+            prediction_type=self.prediction_type,
+            device=self.device,
+            compute_dtype=self.weight_dtype,
+            fp8_base=self.fp8_base,
+        )
+
     def set_gradient_checkpointing(self, enabled: bool, preserve_rng_state: bool = True) -> None:
         if enabled:
             self.unet.enable_gradient_checkpointing(
@@ -201,7 +237,7 @@ def load_diffusers_backend(
     cfg: ModelConfig,
     device: torch.device | str = "cpu",
     weight_dtype: torch.dtype = torch.float32,
-    fp8_unet: bool = False,
+    fp8_base: bool = False,
 ) -> DiffusersBackend:
     """Load a base model from a diffusers folder or a single .safetensors checkpoint."""
     path = cfg.path
@@ -224,7 +260,8 @@ def load_diffusers_backend(
         prediction_type=prediction_type,
         device=device,
         weight_dtype=weight_dtype,
-        fp8_unet=fp8_unet,
+        fp8_base=fp8_base,
+        model_name=path.name,
     )
 
 

@@ -4,8 +4,8 @@ Three strengths, for three uses:
 
 - `weights_fingerprint`: every value, as float32 (the latent cache key: a cached latent is
   valid only for the VAE that made it).
-- `update_with_weights`: every value's bytes, with each tensor's name, dtype and shape, fed to
-  a caller's digest (the text-encoder cache key, which also covers tokenizers and the family).
+- `text_encoders_fingerprint`: every value's bytes, with each tensor's name, dtype and shape,
+  and the tokenizers and the family (the text-encoder cache key).
 - `sampled_weights_fingerprint`: each tensor's name, dtype and shape and a fixed strided sample
   of its values (the base model's identity in a saved LoRA, `ss_new_sd_model_hash`): cheap on
   a multi-GB denoiser, also on GPU weights, where only the samples are copied to the CPU.
@@ -14,7 +14,7 @@ Three strengths, for three uses:
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 
@@ -30,11 +30,20 @@ def weights_fingerprint(state_dict: Mapping[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-def update_with_weights(digest, state_dict: Mapping[str, torch.Tensor], prefix: str = "") -> None:
-    """Feed `digest` every tensor in name order: "<prefix><name>:<dtype>:<shape>", then its raw bytes."""
-    for name, tensor in sorted(state_dict.items()):
-        digest.update(f"{prefix}{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
-        digest.update(_raw_bytes(tensor.detach().reshape(-1)))
+def text_encoders_fingerprint(
+    family: str, state_dicts: Sequence[Mapping[str, torch.Tensor]], tokenizers: Sequence[str]
+) -> str:
+    """SHA-256 over what a text-encoder output depends on: the family's name; each encoder's
+    tensors in name order, as "<index>.<name>:<dtype>:<shape>" and the value bytes as stored;
+    then one line per tokenizer (e.g. "CLIPTokenizer:77", its class and length)."""
+    digest = hashlib.sha256(family.encode())
+    for index, state_dict in enumerate(state_dicts):
+        for name, tensor in sorted(state_dict.items()):
+            digest.update(f"{index}.{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+            digest.update(_raw_bytes(tensor.detach().reshape(-1)))
+    for tokenizer in tokenizers:
+        digest.update(tokenizer.encode())
+    return digest.hexdigest()
 
 
 def sampled_weights_fingerprint(

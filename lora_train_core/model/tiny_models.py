@@ -17,7 +17,7 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from ..families import get_family
-from .diffusers_backend import DiffusersBackend
+from .diffusers_backend import DiffusersBackend, text_encoder_suffixes
 
 TOKEN_LENGTH = 32
 HIDDEN = 32
@@ -135,7 +135,7 @@ def tiny_components(family: str, seed: int = 0):
 def tiny_backend(
     family: str = "sd15", seed: int = 0, prediction_type: str = "epsilon", **placement
 ) -> DiffusersBackend:
-    """A DiffusersBackend over tiny_components; `placement`: device, weight_dtype, fp8_unet."""
+    """A DiffusersBackend over tiny_components; `placement`: device, weight_dtype, fp8_base."""
     unet, vae, text_encoders, tokenizers = tiny_components(family, seed)
     return DiffusersBackend(
         unet, vae, text_encoders, tokenizers, family=family, prediction_type=prediction_type, **placement
@@ -147,8 +147,7 @@ def save_tiny_model(folder: Path, family: str = "sd15", seed: int = 0) -> Path:
     unet, vae, text_encoders, _ = tiny_components(family, seed)
     unet.save_pretrained(folder / "unet")
     vae.save_pretrained(folder / "vae")
-    names = ["", "_2"][: len(text_encoders)]
-    for suffix, te in zip(names, text_encoders, strict=True):
+    for suffix, te in zip(text_encoder_suffixes(get_family(family)), text_encoders, strict=True):
         te.save_pretrained(folder / f"text_encoder{suffix}")
         write_tiny_tokenizer(folder / f"tokenizer{suffix}")
     index = {"_class_name": get_family(family).diffusers_pipeline}

@@ -1,48 +1,41 @@
 """Weighted captions (kohya `--weighted_captions`): A1111 attention syntax in a caption
-scales the text-encoder outputs of the tokens it covers.
+scales the text-encoder outputs of the tokens it covers. `DiffusersBackend.encode_text(...,
+weighted=True)` runs this.
 
 Each caption is split into (text, weight) runs by `captions.parse_weighted_caption`;
 each run is tokenized without special tokens and every token gets its run's weight;
 ids are cut to the tokenizer's length − 2, then BOS, EOS and padding are added with
 weight 1.0 (custom_train_functions.py `get_prompts_with_weights` /
 `pad_tokens_and_weights`; strategy_base.py `_get_weighted_input_ids`). The text
-encoders then run exactly as `DiffusersBackend.encode_text` runs them, so a caption
-without weight syntax gives the same conditioning, and each token's hidden state is
-multiplied by its weight, as current sd-scripts does (strategy_sd.py /
-strategy_sdxl.py `encode_tokens_with_weights`; not the mean rescale of its older
-SD1.x `get_weighted_text_embeddings`). SDXL: both encoders' penultimate states are weighted; the pooled output
-of the second encoder is left unweighted, as kohya leaves it. Only one 77-token
-window is used (no `max_token_length`), as everywhere in this trainer.
+encoders then run exactly as for unweighted captions (`DiffusersBackend.encode_token_ids`),
+so a caption without weight syntax gives the same conditioning, and each token's hidden
+state is multiplied by its weight, as current sd-scripts does (strategy_sd.py /
+strategy_sdxl.py `encode_tokens_with_weights`; not the mean rescale of its older SD1.x
+`get_weighted_text_embeddings`). SDXL: both encoders' penultimate states are weighted; the
+pooled output of the second encoder is left unweighted, as kohya leaves it. Only one
+77-token window is used (no `max_token_length`), as everywhere in this trainer.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..data.captions import parse_weighted_caption
-from ..errors import ConfigError, ModelError
+from ..errors import ModelError
 from .backend import TextConditioning
 
-
-def check_weighted_captions_supported(backend) -> None:
-    """Raise ConfigError unless `backend` exposes its tokenizers and text encoders
-    (DiffusersBackend does; the ComfyUI backend does not yet)."""
-    if not getattr(backend, "tokenizers", None) or not getattr(backend, "text_encoders", None):
-        raise ConfigError(
-            "captions.weighted_captions is not supported by this backend yet; "
-            "set captions.weighted_captions = false"
-        )
+if TYPE_CHECKING:  # the backend calls in here from its encode_text(weighted=True)
+    from .diffusers_backend import DiffusersBackend
 
 
-def encode_weighted_captions(backend, captions: Sequence[str]) -> TextConditioning:
+def encode_weighted_captions(backend: DiffusersBackend, captions: Sequence[str]) -> TextConditioning:
     """`backend.encode_text(captions)` with each caption's attention weights applied.
 
     Differentiable when the text encoders are (text-encoder LoRA trains).
-    Raises ConfigError for a backend without tokenizers and text encoders.
     """
-    check_weighted_captions_supported(backend)
     tokenized = [weighted_token_ids(tokenizer, captions) for tokenizer in backend.tokenizers]
     weights = tokenized[0][1]
     if any(not torch.equal(weights, other) for _, other in tokenized[1:]):

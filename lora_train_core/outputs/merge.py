@@ -27,6 +27,7 @@ import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -35,6 +36,9 @@ from ..errors import ConfigError, ModelError, check_choice, check_int
 from ..families import FAMILIES
 from ..model.kohya_keys import UNET_BLOCK_ROOTS, UNET_PREFIX
 from .export import SAVE_DTYPES, read_metadata, save_lora
+
+if TYPE_CHECKING:  # loaded only by the merge into a model: diffusers is slow to import
+    from ..model.diffusers_backend import DiffusersBackend
 
 MODES = ("concat", "svd")
 # metadata that names the architecture: inputs must agree on it, the merged file keeps it
@@ -226,7 +230,9 @@ def _check_shapes(names: Sequence[str], parsed: Sequence[Mapping[str, tuple[Tens
                 )
 
 
-def merge_into_backend(backend, sd: Mapping[str, Tensor], multiplier: float = 1.0) -> list[str]:
+def merge_into_backend(
+    backend: DiffusersBackend, sd: Mapping[str, Tensor], multiplier: float = 1.0
+) -> list[str]:
     """W ← W + multiplier·ΔW for every module of `sd`, in place; returns the merged names.
 
     Modules are found by kohya name among `backend.lora_targets(...)`. Every name
@@ -330,7 +336,7 @@ def merge_into_model_folder(
     The other parts (vae, tokenizers, scheduler, model_index.json) are copied.
     The folder is built beside `out_dir` and moved in only once complete.
     """
-    from ..model.diffusers_backend import ModelConfig, load_diffusers_backend
+    from ..model.diffusers_backend import ModelConfig, load_diffusers_backend, text_encoder_suffixes
 
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     if not model_dir.is_dir():
@@ -347,7 +353,7 @@ def merge_into_model_folder(
     merged: list[str] = []
     for (sd, _), (_, weight) in zip(loaded, specs, strict=True):
         merged += merge_into_backend(backend, sd, weight)
-    te_folders = ("text_encoder", "text_encoder_2")[: len(backend.text_encoders)]
+    te_folders = [f"text_encoder{suffix}" for suffix in text_encoder_suffixes(backend.family_spec)]
     components = {"unet": backend.unet, **dict(zip(te_folders, backend.text_encoders, strict=True))}
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))

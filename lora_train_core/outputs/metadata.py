@@ -80,6 +80,7 @@ def training_metadata(
     recipe,
     family: str,
     prediction_type: str,
+    fp8_base: bool,
     dataset: Dataset,
     plan: BucketPlan,
     output_name: str,
@@ -89,8 +90,14 @@ def training_metadata(
     total_steps: int,
     started_at: float,
     finished_at: float,
+    model_hash: str | None = None,
 ) -> dict[str, str]:
-    """The metadata dict for a saved LoRA, kohya's keys first; `family` names its ModelFamily."""
+    """The metadata dict for a saved LoRA, kohya's keys first; `family` names its ModelFamily.
+
+    fp8_base: the base model's denoiser weights were float8 (`Backend.fp8_base`).
+    model_hash: `ss_new_sd_model_hash`, what identifies the base model's weights
+    (`Backend.base_model_fingerprint()`; kohya writes the checkpoint file's SHA-256 there).
+    """
     spec = get_family(family)
     net, opt, noise, loss, train = recipe.network, recipe.optimizer, recipe.noise, recipe.loss, recipe.train
     bucket_cfg = plan.config
@@ -138,7 +145,7 @@ def training_metadata(
         "ss_gradient_accumulation_steps": train.gradient_accumulation_steps,
         "ss_gradient_checkpointing": train.gradient_checkpointing,
         "ss_mixed_precision": train.mixed_precision,
-        "ss_fp8_base": recipe.speed.fp8_base,  # changes results: the base weights were float8
+        "ss_fp8_base": fp8_base,  # changes results: the base weights were float8
         "ss_seed": train.seed,
         "ss_resolution": f"({bucket_cfg.resolution[0]}, {bucket_cfg.resolution[1]})",
         "ss_enable_bucket": bucket_cfg.enable_bucket,
@@ -165,6 +172,8 @@ def training_metadata(
         "ss_scale_v_pred_loss_like_noise_pred": loss.scale_v_pred_loss_like_noise_pred,
         "ss_ema": dataclasses.asdict(recipe.ema) if recipe.ema.enabled else None,
     }
+    if model_hash is not None:
+        meta["ss_new_sd_model_hash"] = model_hash
     meta.update(_modelspec(spec, prediction_type, output_name, bucket_cfg, finished_at))
     return {k: _s(v) for k, v in meta.items()}
 
@@ -190,13 +199,22 @@ def _modelspec(
 
 
 def run_metadata(
-    recipe, backend, dataset: Dataset, plan: BucketPlan, trained, output_name: str, model_name: str
+    recipe,
+    backend,
+    dataset: Dataset,
+    plan: BucketPlan,
+    trained,
+    output_name: str,
+    model_name: str,
+    model_hash: str | None = None,
 ) -> dict[str, str]:
-    """`training_metadata` of a run (`trained`, a TrainedLora) on `backend`."""
+    """`training_metadata` of a run (`trained`, a TrainedLora) on `backend`; `model_hash`: the
+    backend's `base_model_fingerprint()`, computed once per run by the caller."""
     return training_metadata(
         recipe=recipe,
         family=backend.family,
         prediction_type=backend.prediction_type,
+        fp8_base=backend.fp8_base,
         dataset=dataset,
         plan=plan,
         output_name=output_name,
@@ -206,4 +224,5 @@ def run_metadata(
         total_steps=trained.total_steps,
         started_at=trained.started_at,
         finished_at=trained.finished_at,
+        model_hash=model_hash,
     )

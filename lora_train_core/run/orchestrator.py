@@ -138,7 +138,9 @@ class _Run:
             out.save_last_n_saves,
             lambda path, run: self.save(path, run, stage),
         )
-        parking = Parking(self._idle_modules(latents), self.backend.device)
+        text_cached = isinstance(self.backend, CachedTextEncoder)
+        idle = self.backend.parkable_modules(not isinstance(latents, OnTheFlyLatents), text_cached)
+        parking = Parking(idle, self.backend.device)
         # a validation sample calls the parked modules back; they go back to the CPU after it
         writers = [*self.writers, saver, lambda _report: parking.park()] if dist.is_main else []
         callbacks = StepOffset(writers, self.done, self.total)
@@ -168,14 +170,6 @@ class _Run:
         if stage.config is not None:
             self.records.append(stage_record(stage.config, stage.recipe, trained.steps))
         return trained
-
-    def _idle_modules(self, latents) -> list:
-        """What the steps never call: the VAE once latents are cached, the text encoders once their
-        outputs are (run_training's backends are DiffusersBackends, maybe in a CachedTextEncoder)."""
-        idle = [] if isinstance(latents, OnTheFlyLatents) else [self.backend.vae]
-        if isinstance(self.backend, CachedTextEncoder):
-            idle += self.backend.text_encoders
-        return idle
 
     def keep_stopped(self, stop: TrainingStopped, stage: _Stage) -> None:
         """A stopped run keeps a partial LoRA and its state; a failed save is logged, not raised."""

@@ -53,11 +53,12 @@ class SpeedConfig:
 def check_speed(recipe, backend, world_size: int = 1) -> None:
     """Refuse [speed] settings this run cannot honour, naming the setting that conflicts."""
     speed, train, net, device = recipe.speed, recipe.train, recipe.network, backend.device
-    if speed.fp8_base != getattr(backend, "fp8_unet", False):
+    # A door may load float8 weights on the user's word elsewhere (ComfyUI's loader node): the
+    # metadata records backend.fp8_base. Asking for float8 from a model without it is refused.
+    if speed.fp8_base and not backend.fp8_base:
         raise ConfigError(
-            f"speed.fp8_base = {str(speed.fp8_base).lower()}, but the model was loaded "
-            f"{'without' if speed.fp8_base else 'with'} float8 weights; the CLI loads it as the "
-            "setting says (ComfyUI: choose the weight dtype in the loader node instead)"
+            "speed.fp8_base = true, but the model was loaded without float8 weights; the CLI loads "
+            "it as the setting says (ComfyUI: choose the weight dtype in the loader node instead)"
         )
     if speed.fp8_base and train.mixed_precision == "no":
         raise ConfigError(

@@ -22,7 +22,6 @@ import torch
 from ..data.buckets import BucketPlan, epoch_batches
 from ..data.captions import process_caption
 from ..model.backend import TextConditioning
-from ..model.weighted_text import encode_weighted_captions
 from ..objective.loss import training_loss
 from ..objective.noise import add_noise, perturbed_noise, sample_noise, sample_timesteps, velocity_target
 from ..optim.param_groups import set_text_encoder_trainable
@@ -174,9 +173,7 @@ class StepRunner:
             self._text_encoder_was_training = self.text_encoder_trains
         grad = self.recipe.network.train_text_encoder and self.text_encoder_trains
         with contextlib.nullcontext() if grad else torch.no_grad():
-            if self.recipe.captions.weighted_captions:
-                return encode_weighted_captions(self.backend, captions)
-            return self.backend.encode_text(captions)
+            return self.backend.encode_text(captions, weighted=self.recipe.captions.weighted_captions)
 
     def _autocast(self):
         if self.amp_dtype is None:
