@@ -50,15 +50,14 @@ def test_an_unknown_family_is_refused_naming_the_field_and_the_known_names():
         get_family("sd3", "buckets family")
 
 
-@pytest.mark.parametrize("name", ["sd15", "sdxl"])
-def test_metadata_strings_are_the_ones_kohya_writes(name, tmp_path):
-    (tmp_path / "1_x").mkdir()
-    Image.new("RGB", (64, 64)).save(tmp_path / "1_x" / "a.png")
-    dataset = load_dataset(DatasetConfig(path=tmp_path))
+def _metadata(folder, family: str, **given) -> dict[str, str]:
+    (folder / "1_x").mkdir()
+    Image.new("RGB", (64, 64)).save(folder / "1_x" / "a.png")
+    dataset = load_dataset(DatasetConfig(path=folder))
     plan = plan_buckets(dataset.images, BucketConfig(resolution=(64, 64), min_bucket_reso=64))
-    meta = training_metadata(
+    fields = dict(
         recipe=TrainingRecipe(TrainConfig()),
-        family=name,
+        family=family,
         prediction_type="epsilon",
         fp8_base=False,
         dataset=dataset,
@@ -71,8 +70,20 @@ def test_metadata_strings_are_the_ones_kohya_writes(name, tmp_path):
         started_at=0.0,
         finished_at=0.0,
     )
+    return training_metadata(**(fields | given))
+
+
+@pytest.mark.parametrize("name", ["sd15", "sdxl"])
+def test_metadata_strings_are_the_ones_kohya_writes(name, tmp_path):
+    meta = _metadata(tmp_path, name)
     assert {key: meta[key] for key in KOHYA[name]} == KOHYA[name]
     assert meta["ss_v2"] == "False"
+    assert "ss_new_sd_model_hash" not in meta
+
+
+def test_metadata_records_float8_weights_and_the_base_models_fingerprint(tmp_path):
+    meta = _metadata(tmp_path, "sd15", fp8_base=True, model_hash="ab" * 32)
+    assert meta["ss_fp8_base"] == "True" and meta["ss_new_sd_model_hash"] == "ab" * 32
 
 
 def test_ss_v2_marks_the_v_prediction_members_of_sd1x_2x_only():
