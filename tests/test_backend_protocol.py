@@ -14,8 +14,9 @@ import torch
 from lora_train_core.data.text_cache import CachedTextEncoder
 from lora_train_core.families import get_family
 from lora_train_core.model.backend import Backend, PipelineParts
-from lora_train_core.model.diffusers_backend import ModelConfig, load_diffusers_backend
+from lora_train_core.model.diffusers_backend import load_diffusers_backend
 from lora_train_core.model.fingerprint import sampled_weights_fingerprint, weights_fingerprint
+from lora_train_core.model.model_config import ModelConfig
 from lora_train_core.model.network import LoRANetwork, NetworkConfig
 from lora_train_core.model.tiny_models import save_tiny_model, tiny_backend
 

@@ -14,8 +14,8 @@ from lora_train_core.errors import ConfigError
 from lora_train_core.model.network import NetworkConfig
 from lora_train_core.model.tiny_models import tiny_backend
 from lora_train_core.optim.optimizers import OptimizerConfig
-from lora_train_core.outputs.sample_prompts import SamplePrompt, load_prompts, parse_prompt_line
-from lora_train_core.outputs.sampling import SampleConfig, SampleWriter, image_grid
+from lora_train_core.outputs.sample_prompts import SampleConfig, SamplePrompt, load_prompts, parse_prompt_line
+from lora_train_core.outputs.sampling import SampleWriter, image_grid
 from lora_train_core.run.train import TrainConfig, TrainingRecipe, train
 
 

@@ -8,7 +8,6 @@ and takes the pooled, projected output of the second (`sdxl_train_util`).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from functools import cached_property, partial
 from pathlib import Path
 
@@ -18,11 +17,12 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from torch import nn
 
 from ..errors import ConfigError, ModelError, check_choice
-from ..families import FAMILIES, ModelFamily, get_family
+from ..families import ModelFamily, get_family
 from .backend import PipelineParts, TextConditioning
 from .fingerprint import sampled_weights_fingerprint, text_encoders_fingerprint, weights_fingerprint
 from .fp8 import store_in_fp8
 from .kohya_keys import LoraTarget, text_encoder_targets, unet_targets
+from .model_config import ModelConfig
 from .weighted_text import encode_weighted_captions
 
 
@@ -32,19 +32,6 @@ def kohya_alphas_cumprod() -> torch.Tensor:
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000
     )
     return scheduler.alphas_cumprod.to(torch.float32)
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    """[model] section: which base model to train on."""
-
-    path: Path
-    family: str = "auto"  # auto, sd15, sdxl
-    v_parameterization: bool = False  # kohya: the model predicts v (SD2.x 768-v)
-
-    def __post_init__(self):
-        object.__setattr__(self, "path", Path(self.path))
-        check_choice("model.family", self.family, ("auto", *FAMILIES))
 
 
 class DiffusersBackend:
@@ -68,7 +55,8 @@ class DiffusersBackend:
         weight_dtype where used, under the training step's autocast.
         model_name: `base_model_name`, what a saved LoRA records (the model path's name)."""
         self.family_spec = get_family(family)
-        check_choice("model.prediction_type", prediction_type, ("epsilon", "v_prediction"))
+        # the TOML sets it through model.v_parameterization (ModelConfig.prediction_type)
+        check_choice("prediction_type", prediction_type, ("epsilon", "v_prediction"))
         encoders = len(self.family_spec.text_encoder_prefixes)
         if len(text_encoders) != encoders:
             raise ModelError(f"a {family} model has {encoders} text encoder(s), got {len(text_encoders)}")
@@ -253,11 +241,10 @@ def load_diffusers_backend(
         )
     spec = get_family(family)
     parts = _load_folder(path, spec) if path.is_dir() else _load_single_file(path, spec)
-    prediction_type = "v_prediction" if cfg.v_parameterization else "epsilon"
     return DiffusersBackend(
         *parts,
         family=family,
-        prediction_type=prediction_type,
+        prediction_type=cfg.prediction_type,
         device=device,
         weight_dtype=weight_dtype,
         fp8_base=fp8_base,
@@ -312,4 +299,4 @@ def _load_single_file(path: Path, family: ModelFamily):
     return pipe.unet, pipe.vae, text_encoders, [getattr(pipe, f"tokenizer{suffix}") for suffix in suffixes]
 
 
-__all__ = ["ConfigError", "DiffusersBackend", "ModelConfig", "detect_family", "load_diffusers_backend"]
+__all__ = ["DiffusersBackend", "detect_family", "load_diffusers_backend"]

@@ -336,7 +336,8 @@ def merge_into_model_folder(
     The other parts (vae, tokenizers, scheduler, model_index.json) are copied.
     The folder is built beside `out_dir` and moved in only once complete.
     """
-    from ..model.diffusers_backend import ModelConfig, load_diffusers_backend, text_encoder_suffixes
+    from ..model.diffusers_backend import load_diffusers_backend, text_encoder_suffixes
+    from ..model.model_config import ModelConfig
 
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     if not model_dir.is_dir():

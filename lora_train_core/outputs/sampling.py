@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import io
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import diffusers
@@ -26,10 +25,10 @@ from diffusers import (
 from PIL import Image
 
 from ..atomic_io import atomic_write_bytes
-from ..errors import ConfigError, check_int
+from ..errors import ConfigError
 from ..model.backend import Backend, PipelineParts
 from ..model.diffusers_backend import text_encoder_suffixes
-from .sample_prompts import SamplePrompt
+from .sample_prompts import SampleConfig, SamplePrompt
 
 SCHEDULERS = {
     "euler": EulerDiscreteScheduler,
@@ -47,26 +46,6 @@ PIPELINE_OPTIONS = {
     },
     "StableDiffusionXLPipeline": {"add_watermarker": False},
 }
-
-
-@dataclass(frozen=True)
-class SampleConfig:
-    """[samples] section: when to render validation images (kohya sample_every_n_*)."""
-
-    prompts: tuple[str, ...] = ()  # kohya prompt lines ("a cat --n blurry --d 1 --s 20")
-    prompts_file: Path | None = None  # .txt/.toml/.json in kohya's format
-    sample_every_n_steps: int = 0  # 0 = only at the end (if prompts are given)
-    seed: int = 0  # for prompts without --d
-
-    def __post_init__(self):
-        check_int("samples.sample_every_n_steps", self.sample_every_n_steps, 0)
-        check_int("samples.seed", self.seed, 0)
-
-    def load(self) -> list[SamplePrompt]:
-        from .sample_prompts import load_prompts, parse_prompt_line
-
-        prompts = [parse_prompt_line(p) for p in self.prompts]
-        return prompts + (load_prompts(self.prompts_file) if self.prompts_file else [])
 
 
 def _scheduler(name: str, prediction_type: str):

@@ -16,7 +16,8 @@ import torch
 
 from lora_train_core.errors import ConfigError
 from lora_train_core.model.backend import Backend
-from lora_train_core.model.diffusers_backend import ModelConfig, load_diffusers_backend
+from lora_train_core.model.diffusers_backend import load_diffusers_backend
+from lora_train_core.model.model_config import ModelConfig
 from lora_train_core.objective.loss import LossConfig, training_loss
 from lora_train_core.objective.noise import add_noise
 
