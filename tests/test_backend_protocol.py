@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from lora_train_core.data.text_cache import CachedTextEncoder
-from lora_train_core.families import get_family
+from lora_train_core.families import ModelFamily, get_family
 from lora_train_core.model.backend import Backend, PipelineParts
 from lora_train_core.model.diffusers_backend import load_diffusers_backend
 from lora_train_core.model.fingerprint import sampled_weights_fingerprint, weights_fingerprint
@@ -23,7 +23,7 @@ from lora_train_core.model.tiny_models import save_tiny_model, tiny_backend
 # The names other code is written against (run/, nodes/): changing one is a protocol change.
 ATTRIBUTES = {
     "family": str,
-    "family_spec": object,
+    "family_spec": ModelFamily,
     "prediction_type": str,
     "device": torch.device,
     "alphas_cumprod": torch.Tensor,
