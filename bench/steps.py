@@ -160,7 +160,7 @@ def build_ours(
         family=case.family,
         device=device,
         weight_dtype=weight_dtype,
-        fp8_unet=fast.fp8_base,
+        fp8_base=fast.fp8_base,
     )
     recipe = TrainingRecipe(
         TrainConfig(

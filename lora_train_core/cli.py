@@ -97,6 +97,7 @@ def _train(args) -> int:
         return 0
     if args.config is None:
         raise LoraTrainError("train: give a config file, e.g. `python -m lora_train_core train run.toml`")
+    cfg = load_run_config(args.config)  # before the imports below: a config error needs no diffusers
     import torch
 
     from .data.dataset import load_dataset
@@ -108,7 +109,6 @@ def _train(args) -> int:
     from .run.state_files import load_training_state
     from .run.train import MIXED_PRECISION, TrainingStopped
 
-    cfg = load_run_config(args.config)
     # Everything that can be wrong with the input is checked before the (slow) model load.
     state = load_training_state(args.resume) if args.resume is not None else None
     dataset = load_dataset(cfg.dataset)
@@ -117,7 +117,7 @@ def _train(args) -> int:
     world_size = DataParallel.from_environment().world_size
     plan = prepare_run(cfg, dataset, model_facts(cfg.model, device, fp8), state, world_size)
     weight_dtype = MIXED_PRECISION[cfg.recipe.train.mixed_precision] or torch.float32
-    backend = load_diffusers_backend(cfg.model, device, weight_dtype, fp8_unet=fp8)
+    backend = load_diffusers_backend(cfg.model, device, weight_dtype, fp8_base=fp8)
     bar = ProgressBar()
     try:
         with _StopOnSignal(bar) as on_step:

@@ -21,7 +21,7 @@ from .data.captions import CaptionConfig, merged
 from .data.dataset import DatasetConfig
 from .data.latent_cache import CacheConfig
 from .errors import ConfigError, check_choice, check_int
-from .model.diffusers_backend import ModelConfig
+from .model.model_config import ModelConfig
 from .model.network import NetworkConfig
 from .objective.loss import LossConfig
 from .objective.noise import NoiseConfig
@@ -29,7 +29,7 @@ from .optim.ema import EMAConfig
 from .optim.optimizers import OptimizerConfig
 from .optim.param_groups import BlockWeights
 from .outputs.export import SAVE_DTYPES
-from .outputs.sampling import SampleConfig
+from .outputs.sample_prompts import SampleConfig
 from .run.speed import SpeedConfig
 from .run.stages import StageConfig
 from .run.train import TrainConfig, TrainingRecipe

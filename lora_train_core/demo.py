@@ -15,6 +15,7 @@ from .config import OutputConfig, RunConfig, recipe_path, with_overrides
 from .data.buckets import BucketConfig
 from .data.dataset import DatasetConfig
 from .data.latent_cache import CacheConfig
+from .families import get_family
 from .model.network import NetworkConfig
 from .model.tiny_models import tiny_backend
 from .optim.optimizers import OptimizerConfig
@@ -58,7 +59,7 @@ def demo_config(family: str, out_dir: Path, steps: int) -> RunConfig:
             resolution=(128, 128),
             min_bucket_reso=64,
             max_bucket_reso=256,
-            bucket_reso_steps=64 if family == "sd15" else 32,
+            bucket_reso_steps=get_family(family).bucket_reso_step,
         ),
         cache=CacheConfig(mode="ram"),
         output=OutputConfig(output_dir=out_dir, output_name=f"demo_{family}_lora", overwrite=True),

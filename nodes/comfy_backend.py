@@ -20,17 +20,19 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..lora_train_core.data.latent_cache import sampled_fingerprint, weights_fingerprint
 from ..lora_train_core.errors import ConfigError, ModelError
-from ..lora_train_core.model.backend import TextConditioning
+from ..lora_train_core.families import get_family
+from ..lora_train_core.model.backend import PipelineParts, TextConditioning
+from ..lora_train_core.model.fingerprint import (
+    sampled_weights_fingerprint,
+    text_encoders_fingerprint,
+    weights_fingerprint,
+)
+from ..lora_train_core.model.fp8 import is_float8
 from ..lora_train_core.model.kohya_keys import LoraTarget, sgm_unet_targets, text_encoder_targets
 
-BASE_MODEL_VERSION = {"sd15": "sd_v1", "sdxl": "sdxl_base_v1-0"}
-MODELSPEC_ARCHITECTURE = {"sd15": "stable-diffusion-v1/lora", "sdxl": "stable-diffusion-xl-v1-base/lora"}
-TE_PREFIXES = {
-    "sd15": (("clip_l", "lora_te"),),
-    "sdxl": (("clip_l", "lora_te1"), ("clip_g", "lora_te2")),
-}  # kohya trains on one 77-token window; ComfyUI would append more chunks
+# ComfyUI's CLIP attribute of each text encoder, in the order of the family's text_encoder_prefixes
+CLIP_ATTRIBUTES = {"sd15": ("clip_l",), "sdxl": ("clip_l", "clip_g")}
 
 
 def model_family(model) -> str:
@@ -53,39 +55,46 @@ class ComfyBackend:
     def __init__(self, model, clip=None, vae=None):
         self.model, self.clip, self.vae = model, clip, vae
         self.family = model_family(model)
+        self.family_spec = get_family(self.family)
         self.device = model.load_device
         self.diffusion_model: nn.Module = model.model.diffusion_model
         self.compute_dtype = model.model.manual_cast_dtype or model.model.get_dtype()
+        self.fp8_base = is_float8(model.model.get_dtype())  # e.g. a loader's weight_dtype fp8_e4m3fn
         sampling = model.get_model_object("model_sampling")
         # V_PREDICTION subclasses EPS, so test for it first.
         self.prediction_type = (
             "v_prediction" if isinstance(sampling, comfy.model_sampling.V_PREDICTION) else "epsilon"
         )
         self.alphas_cumprod = (1.0 / (1.0 + sampling.sigmas.to(torch.float32) ** 2)).to(self.device)
-        self.latent_downscale = 8
-        self.fp8_base = False
-        self._model_hash: str | None = None
-        self.base_model_version = BASE_MODEL_VERSION[self.family]
-        self.modelspec_architecture = MODELSPEC_ARCHITECTURE[self.family]
         self._checkpointed: list[nn.Module] = []
         self._layers_out_of_place: list[nn.Module] = []
 
     @cached_property
-    def fingerprint(self) -> str:
-        """The VAE's weights fingerprint, for the latent cache key (computed when first asked)."""
+    def vae_fingerprint(self) -> str:
+        """`weights_fingerprint` of the VAE (computed when first asked)."""
         return weights_fingerprint(self.vae.get_sd()) if self.vae is not None else "no-vae"
+
+    @cached_property
+    def text_encoder_fingerprint(self) -> str:
+        """`text_encoders_fingerprint` of the CLIP's encoders, with its tokenizer's class."""
+        weights = self._clip().cond_stage_model.state_dict()
+        return text_encoders_fingerprint(self.family, [weights], [type(self.clip.tokenizer).__name__])
+
+    def base_model_fingerprint(self) -> str:
+        """`sampled_weights_fingerprint` of the diffusion model's state dict, as it is when asked:
+        after `prepare_for_training` that is what training sees, with the graph's patches (other
+        LoRAs) applied and in ComfyUI's storage dtype."""
+        return sampled_weights_fingerprint(self.diffusion_model.state_dict())
 
     @property
     def base_model_name(self) -> str:
+        """A MODEL does not carry its file name: "ComfyUI MODEL " and the fingerprint's first 12 hex."""
         return f"ComfyUI MODEL {self.base_model_fingerprint()[:12]}"
 
-    def base_model_fingerprint(self) -> str:
-        if self._model_hash is None:
-            self._model_hash = sampled_fingerprint(self.diffusion_model.state_dict())
-        return self._model_hash
-
-    def parkable_modules(self, latents_cached: bool, text_cached: bool) -> list[nn.Module]:
-        return []  # ComfyUI's model management decides what stays on the GPU
+    def _clip(self):
+        if self.clip is None:
+            raise ConfigError("Train LoRA: connect the CLIP from the checkpoint loader")
+        return self.clip
 
     def prepare_for_training(self, text_encoder: bool = False) -> None:
         """Load the model on its device and make its weights usable by autograd.
@@ -121,17 +130,24 @@ class ComfyBackend:
         return self.model.model.process_latent_in(mean + std * noise.to(mean.device))
 
     # --- text ---------------------------------------------------------------------------------
-    def encode_text(self, captions: Sequence[str]) -> TextConditioning:
-        if self.clip is None:
-            raise ConfigError("Train LoRA: connect the CLIP from the checkpoint loader")
+    def encode_text(self, captions: Sequence[str], weighted: bool = False) -> TextConditioning:
+        if weighted:
+            raise ConfigError(
+                "captions.weighted_captions is not implemented yet in the ComfyUI door; the CLI "
+                "(python -m lora_train_core train) has it; set captions.weighted_captions = false"
+            )
+        clip = self._clip()
         hidden, pooled = [], []
         for caption in captions:
-            tokens = self.clip.tokenize(caption, disable_weights=True)
-            tokens = {k: v[:1] for k, v in tokens.items()}  # first 77-token window, as kohya truncates
-            cond, pool = self.clip.encode_from_tokens(tokens, return_pooled=True)
+            tokens = clip.tokenize(caption, disable_weights=True)
+            # kohya trains on one 77-token window; ComfyUI would append more chunks
+            tokens = {k: v[:1] for k, v in tokens.items()}
+            cond, pool = clip.encode_from_tokens(tokens, return_pooled=True)
             hidden.append(cond.to(self.device))
             pooled.append(pool.to(self.device) if pool is not None else None)
-        return TextConditioning(torch.cat(hidden), torch.cat(pooled) if self.family == "sdxl" else None)
+        return TextConditioning(
+            torch.cat(hidden), torch.cat(pooled) if self.family_spec.pooled_text else None
+        )
 
     # --- prediction ---------------------------------------------------------------------------
     def predict(
@@ -141,7 +157,7 @@ class ComfyBackend:
         text: TextConditioning,
         size_conditioning: torch.Tensor | None,
     ) -> torch.Tensor:
-        y = self._sdxl_vector(text, size_conditioning) if self.family == "sdxl" else None
+        y = self._sdxl_vector(text, size_conditioning) if self.family_spec.size_conditioning else None
         return self.diffusion_model(
             noisy_latents.to(self.device, self.compute_dtype),
             timesteps.to(self.device).float(),
@@ -161,18 +177,28 @@ class ComfyBackend:
     def lora_targets(self, include_conv: bool, unet: bool, text_encoder: bool) -> list[LoraTarget]:
         targets: list[LoraTarget] = []
         if unet:
-            rename = str if self.family == "sdxl" else _sgm_to_diffusers(self.model).__getitem__
+            sgm_names = self.family_spec.unet_names == "sgm"
+            rename = str if sgm_names else _sgm_to_diffusers(self.model).__getitem__
             targets += sgm_unet_targets(self.diffusion_model, include_conv=include_conv, rename=rename)
         if text_encoder:
             if self.clip is None:
                 raise ConfigError("Train LoRA: training the text encoder needs the CLIP input")
             encoders = self.clip.cond_stage_model
-            for attr, prefix in TE_PREFIXES[self.family]:
+            prefixes = self.family_spec.text_encoder_prefixes
+            for attr, prefix in zip(CLIP_ATTRIBUTES[self.family], prefixes, strict=True):
                 targets += text_encoder_targets(getattr(encoders, attr), prefix)
         return targets
 
     def trainable_modules(self) -> list[nn.Module]:
         return [self.diffusion_model] + ([self.clip.cond_stage_model] if self.clip is not None else [])
+
+    def parkable_modules(self, latents_cached: bool, text_cached: bool) -> list[nn.Module]:
+        """None: ComfyUI moves its models between devices itself (model_management)."""
+        return []
+
+    def pipeline_parts(self) -> PipelineParts | None:
+        """None: ComfyUI samples with its own sampler (nodes/comfy_sampling.py), not diffusers'."""
+        return None
 
     def set_gradient_checkpointing(self, enabled: bool, preserve_rng_state: bool = True) -> None:
         """Checkpoint each UNet block (ComfyUI's own `use_checkpoint` ignores LoRA tensors held outside)."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
@@ -142,3 +144,21 @@ def test_the_cli_loads_the_unet_in_fp8_when_asked(tmp_path, tiny_model_dir, caps
     saved = tmp_path / "out" / "my_lora.safetensors"
     assert load_file(saved)
     assert read_metadata(saved)["ss_fp8_base"] == "True"
+
+
+def test_listing_keys_and_refusing_a_config_import_no_diffusers(tmp_path):
+    """diffusers takes seconds to import; `--list-keys` and config errors must not wait for it."""
+    config = tmp_path / "bad.toml"
+    config.write_text('[model]\npath = "m"\nfamily = "sd3"\n[dataset]\npath = "d"\n', encoding="utf-8")
+    script = textwrap.dedent(
+        f"""
+        import sys
+        from lora_train_core.cli import main
+        assert main(["train", "--list-keys"]) == 0
+        assert main(["train", {str(config)!r}]) != 0
+        print(sorted(m for m in sys.modules if m.split(".")[0] in ("diffusers", "transformers")))
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert "model.family: 'sd3'" in done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "[]"

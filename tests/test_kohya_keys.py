@@ -11,9 +11,8 @@ from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from lora_train_core.errors import ConfigError
+from lora_train_core.families import get_family
 from lora_train_core.model.kohya_keys import (
-    SD15_LAYOUT,
-    SDXL_LAYOUT,
     UNetLayout,
     diffusers_to_sgm_unet_path,
     sgm_to_diffusers_unet_path,
@@ -22,6 +21,9 @@ from lora_train_core.model.kohya_keys import (
     unet_targets,
 )
 from lora_train_core.model.published_configs import CLIP_BIGG, CLIP_L, SD15_UNET, SDXL_UNET
+
+SD15, SDXL = get_family("sd15"), get_family("sdxl")
+SD15_LAYOUT, SDXL_LAYOUT = SD15.unet_layout, SDXL.unet_layout
 
 
 @pytest.fixture(scope="module")
@@ -91,14 +93,14 @@ def kohya_sdxl_unet_names(include_conv: bool) -> set[str]:
 
 
 def test_sd15_unet_target_counts_match_kohya(sd15_unet):
-    assert len(unet_targets(sd15_unet, "sd15", include_conv=False)) == 192
-    assert len(unet_targets(sd15_unet, "sd15", include_conv=True)) == 278
+    assert len(unet_targets(sd15_unet, SD15, include_conv=False)) == 192
+    assert len(unet_targets(sd15_unet, SD15, include_conv=True)) == 278
 
 
 def test_sdxl_unet_target_counts_match_kohya(sdxl_unet):
-    assert len(unet_targets(sdxl_unet, "sdxl", include_conv=False)) == 722
+    assert len(unet_targets(sdxl_unet, SDXL, include_conv=False)) == 722
     # + 17 resnets × 3 + 11 skip connections + 2 downsamplers + 2 upsamplers
-    assert len(unet_targets(sdxl_unet, "sdxl", include_conv=True)) == 722 + 66
+    assert len(unet_targets(sdxl_unet, SDXL, include_conv=True)) == 722 + 66
 
 
 def test_text_encoder_target_counts_match_kohya(clip_l, clip_bigg):
@@ -109,7 +111,7 @@ def test_text_encoder_target_counts_match_kohya(clip_l, clip_bigg):
 
 def test_sd15_unet_names_are_kohya_diffusers_paths(sd15_unet):
     u = sd15_unet
-    names = by_name(unet_targets(u, "sd15", include_conv=True))
+    names = by_name(unet_targets(u, SD15, include_conv=True))
     attn = u.down_blocks[0].attentions[0]
     assert names["lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"] is (
         attn.transformer_blocks[0].attn1.to_q
@@ -133,7 +135,7 @@ def test_sd15_unet_names_are_kohya_diffusers_paths(sd15_unet):
 
 def test_sdxl_unet_names_are_kohya_sgm_names(sdxl_unet):
     u = sdxl_unet
-    names = by_name(unet_targets(u, "sdxl", include_conv=True))
+    names = by_name(unet_targets(u, SDXL, include_conv=True))
     assert names["lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q"] is (
         u.down_blocks[1].attentions[0].transformer_blocks[0].attn1.to_q
     )
@@ -154,7 +156,7 @@ def test_sdxl_unet_names_are_kohya_sgm_names(sdxl_unet):
 
 @pytest.mark.parametrize("include_conv", [False, True])
 def test_sdxl_unet_name_set_equals_kohyas_sgm_unet(sdxl_unet, include_conv):
-    ours = {t.name for t in unet_targets(sdxl_unet, "sdxl", include_conv)}
+    ours = {t.name for t in unet_targets(sdxl_unet, SDXL, include_conv)}
     assert ours == kohya_sdxl_unet_names(include_conv)
 
 
@@ -172,7 +174,7 @@ def test_sgm_names_map_back_through_diffusers_kohya_converter(request, unet_fixt
     layout = UNetLayout.from_config(unet.config)
     path_of = {id(m): p for p, m in unet.named_modules()}
     sd, expected = {}, {}
-    for index, target in enumerate(unet_targets(unet, "sd15", include_conv)):  # diffusers paths
+    for index, target in enumerate(unet_targets(unet, SD15, include_conv)):  # diffusers paths
         path = path_of[id(target.module)]
         name = "lora_unet_" + diffusers_to_sgm_unet_path(path, layout).replace(".", "_")
         tag = torch.tensor(float(index))
@@ -222,7 +224,7 @@ def test_sgm_mapping_follows_config_of_a_tiny_uneven_unet():
             cross_attention_dim=8,
             attention_head_dim=4,
         )
-    names = by_name(unet_targets(unet, "sdxl", include_conv=True))
+    names = by_name(unet_targets(unet, SDXL, include_conv=True))
     # input: 0 conv_in, 1 (res + attn), 2 downsampler, 3 res; output: 0, 1 (+ upsampler), 2, 3 (res + attn)
     assert names["lora_unet_input_blocks_1_1_proj_in"] is unet.down_blocks[0].attentions[0].proj_in
     assert names["lora_unet_input_blocks_2_0_op"] is unet.down_blocks[0].downsamplers[0].conv
@@ -237,7 +239,7 @@ def test_sgm_mapping_follows_config_of_a_tiny_uneven_unet():
 def test_sgm_to_diffusers_inverts_diffusers_to_sgm(request, unet_fixture, layout):
     unet = request.getfixturevalue(unet_fixture)
     path_of = {id(m): p for p, m in unet.named_modules()}
-    for target in unet_targets(unet, "sd15", include_conv=True):
+    for target in unet_targets(unet, SD15, include_conv=True):
         path = path_of[id(target.module)]
         assert sgm_to_diffusers_unet_path(diffusers_to_sgm_unet_path(path, layout), layout) == path
 
@@ -321,7 +323,7 @@ def test_sgm_unet_targets_renames_comfyui_sd15_paths_to_kohya_diffusers_names():
 
 
 def test_unknown_family_and_prefix_are_rejected(sd15_unet, clip_l):
-    with pytest.raises(ConfigError, match="family"):
-        unet_targets(sd15_unet, "sd3", include_conv=False)
+    with pytest.raises(ConfigError, match=r"model\.family: 'sd3' is not one of 'sd15', 'sdxl'"):
+        get_family("sd3")
     with pytest.raises(ConfigError, match="lora_te3"):
         text_encoder_targets(clip_l, "lora_te3")

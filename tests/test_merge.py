@@ -10,7 +10,8 @@ from safetensors.torch import load_file
 
 from lora_train_core.cli import main
 from lora_train_core.errors import ConfigError
-from lora_train_core.model.diffusers_backend import ModelConfig, load_diffusers_backend
+from lora_train_core.model.diffusers_backend import load_diffusers_backend
+from lora_train_core.model.model_config import ModelConfig
 from lora_train_core.model.network import LoRANetwork, NetworkConfig
 from lora_train_core.model.tiny_models import save_tiny_model, tiny_backend
 from lora_train_core.outputs.export import read_metadata, save_lora

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lora_train_core.errors import ConfigError
+from lora_train_core.families import get_family
 from lora_train_core.model.kohya_keys import LoraTarget, unet_targets
 from lora_train_core.model.network import LoRAModule, LoRANetwork, NetworkConfig
 
@@ -363,7 +364,8 @@ def test_network_on_a_tiny_unet_keeps_outputs_at_init_and_trains_only_lora():
     ).requires_grad_(False)
     sample, context = torch.randn(1, 4, 8, 8), torch.randn(1, 3, 8)
     before = unet(sample, 10, context).sample
-    net = LoRANetwork(unet_targets(unet, "sdxl", include_conv=True), NetworkConfig(network_dim=2, conv_dim=2))
+    targets = unet_targets(unet, get_family("sdxl"), include_conv=True)
+    net = LoRANetwork(targets, NetworkConfig(network_dim=2, conv_dim=2))
     with net.applied():
         torch.testing.assert_close(unet(sample, 10, context).sample, before)
         for module in net.modules_by_name.values():

@@ -153,7 +153,7 @@ def test_sdxl_takes_one_text_encoder_lr_per_encoder():
 
 
 def test_two_text_encoder_lrs_for_sd15_is_an_error():
-    with pytest.raises(ConfigError, match=r"SD1.5 has one text encoder"):
+    with pytest.raises(ConfigError, match=r"has 2 values but SD1\.x/2\.x has 1 text encoder"):
         build_param_groups(
             lora_params([SD15_TE]), "sd15", OptimizerConfig(text_encoder_lr=(1e-5, 2e-5)), None
         )
@@ -241,8 +241,6 @@ def test_block_dims_give_each_unet_module_its_blocks_rank_and_alpha():
     alphas = [d / 2 for d in range(25)]
     conv_dims = [100 + d for d in range(25)]
     conv = "lora_unet_down_blocks_1_resnets_0_conv1"  # block 4, a 3×3 conv
-    lr_weights = [1.0] * 25
-    lr_weights[12] = 0.0
     got_dims, got_alphas = per_module_dims(
         [SD15_TE, SD15_DOWN0, SD15_MID, SD15_UP3, conv],
         "sd15",
@@ -250,9 +248,8 @@ def test_block_dims_give_each_unet_module_its_blocks_rank_and_alpha():
         alphas,
         conv_block_dims=conv_dims,
         conv3x3_modules=frozenset({conv}),
-        block_lr_weights=lr_weights,
     )
-    assert got_dims == {SD15_DOWN0: 1, SD15_MID: 0, SD15_UP3: 24, conv: 104}
+    assert got_dims == {SD15_DOWN0: 1, SD15_MID: 12, SD15_UP3: 24, conv: 104}
     assert got_alphas == {SD15_DOWN0: 0.5, SD15_MID: 6.0, SD15_UP3: 12.0}  # conv: conv_alpha applies
 
 

@@ -88,9 +88,8 @@ def test_metadata_counts_reg_images_apart_and_tags_every_folder_as_kohya(tmp_pat
     meta = training_metadata(
         recipe=TrainingRecipe(TrainConfig()),
         family="sd15",
-        base_model_version="sd_v1",
-        modelspec_architecture="stable-diffusion-v1/lora",
         prediction_type="epsilon",
+        fp8_base=False,
         dataset=dataset,
         plan=plan,
         output_name="x",

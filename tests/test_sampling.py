@@ -14,8 +14,8 @@ from lora_train_core.errors import ConfigError
 from lora_train_core.model.network import NetworkConfig
 from lora_train_core.model.tiny_models import tiny_backend
 from lora_train_core.optim.optimizers import OptimizerConfig
-from lora_train_core.outputs.sample_prompts import SamplePrompt, load_prompts, parse_prompt_line
-from lora_train_core.outputs.sampling import SampleConfig, SampleWriter, image_grid
+from lora_train_core.outputs.sample_prompts import SampleConfig, SamplePrompt, load_prompts, parse_prompt_line
+from lora_train_core.outputs.sampling import SampleWriter, image_grid
 from lora_train_core.run.train import TrainConfig, TrainingRecipe, train
 
 
@@ -105,3 +105,13 @@ def test_image_grid_places_images_in_rows():
     grid = image_grid(images, columns=2)
     assert grid.size == (20, 40)
     assert grid.getpixel((15, 5)) == (0, 128, 0) and grid.getpixel((5, 25)) == (0, 0, 255)
+
+
+def test_prompts_for_a_backend_that_builds_no_pipeline_are_refused_when_the_writer_is_made(
+    tmp_path, sd15_backend, monkeypatch
+):
+    monkeypatch.setattr(sd15_backend, "pipeline_parts", lambda: None)  # as ComfyBackend answers
+    cfg = SampleConfig(prompts=("a red circle",))
+    with pytest.raises(ConfigError, match=r"samples: validation samples need a diffusers pipeline"):
+        SampleWriter(sd15_backend, cfg, tmp_path, "lora")
+    assert SampleWriter(sd15_backend, SampleConfig(), tmp_path, "lora").prompts == []

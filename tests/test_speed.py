@@ -21,10 +21,11 @@ from lora_train_core.data.buckets import BucketConfig, plan_buckets
 from lora_train_core.data.dataset import DatasetConfig, load_dataset
 from lora_train_core.data.latent_cache import CacheConfig, build_latents
 from lora_train_core.errors import ConfigError
+from lora_train_core.model.fp8 import FP8_STORAGE
 from lora_train_core.model.network import NetworkConfig
 from lora_train_core.model.tiny_models import tiny_backend
 from lora_train_core.optim.optimizers import OptimizerConfig
-from lora_train_core.run.speed import FP8_STORAGE, SpeedConfig, check_speed
+from lora_train_core.run.speed import SpeedConfig, check_speed
 from lora_train_core.run.train import TrainConfig, TrainingRecipe, train
 
 LEARNING_RATE = 1e-3
@@ -113,7 +114,7 @@ def test_fp8_base_must_match_how_the_model_was_loaded(sd15_backend):
 
 def test_fp8_base_needs_mixed_precision():
     with pytest.raises(ConfigError, match=r"train\.mixed_precision 'bf16' or 'fp16'"):
-        tiny_backend("sd15", fp8_unet=True)
+        tiny_backend("sd15", fp8_base=True)
 
 
 def test_compiled_blocks_give_the_eager_losses_and_weights(shapes_dataset):
@@ -129,7 +130,7 @@ def test_compiled_blocks_give_the_eager_losses_and_weights(shapes_dataset):
 
 
 def test_fp8_base_stores_linear_and_conv_weights_in_float8_and_trains(shapes_dataset):
-    backend = tiny_backend("sd15", weight_dtype=torch.bfloat16, fp8_unet=True)
+    backend = tiny_backend("sd15", weight_dtype=torch.bfloat16, fp8_base=True)
     layers = [m for m in backend.unet.modules() if isinstance(m, torch.nn.Linear | torch.nn.Conv2d)]
     assert layers and all(m.weight.dtype == FP8_STORAGE for m in layers)
     norms = [m for m in backend.unet.modules() if isinstance(m, torch.nn.GroupNorm | torch.nn.LayerNorm)]

@@ -14,7 +14,7 @@ from lora_train_core.demo import demo_config
 from lora_train_core.errors import ConfigError
 from lora_train_core.model.tiny_models import tiny_backend
 from lora_train_core.outputs.export import read_metadata
-from lora_train_core.outputs.sampling import SampleConfig
+from lora_train_core.outputs.sample_prompts import SampleConfig
 from lora_train_core.run.orchestrator import run_training
 from lora_train_core.run.stages import StageConfig
 

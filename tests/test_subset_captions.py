@@ -57,9 +57,9 @@ class _Recording:
     def __getattr__(self, name):
         return getattr(self.backend, name)
 
-    def encode_text(self, captions):
+    def encode_text(self, captions, weighted=False):
         self.seen += list(captions)
-        return self.backend.encode_text(captions)
+        return self.backend.encode_text(captions, weighted)
 
 
 def test_training_uses_each_images_subset_captions(tmp_path):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import types
 from pathlib import Path
 
 import pytest
@@ -142,22 +141,14 @@ def test_caching_with_captions_that_vary_per_step_is_refused_naming_the_option(
         maybe_cache_text(sd15_backend, dataset, CacheConfig(text_encoder_outputs="disk"), recipe)
 
 
-def test_disk_cache_is_refused_for_a_backend_that_cannot_identify_its_text_encoders(tmp_path):
-    dataset = load_dataset(DatasetConfig(make_synthetic_dataset(tmp_path / "data", count=1)))
-    anonymous = types.SimpleNamespace(family="sd15", device=torch.device("cpu"))
-    with pytest.raises(ConfigError, match=r"cache\.text_encoder_outputs: 'disk' .*use 'ram'"):
-        maybe_cache_text(anonymous, dataset, CacheConfig(text_encoder_outputs="disk"), FROZEN_TE)
-
-
 def test_unknown_cache_choice_is_refused_naming_the_field():
     with pytest.raises(ConfigError, match=r"cache\.text_encoder_outputs: 'gpu' is not one of"):
         CacheConfig(text_encoder_outputs="gpu")
 
 
-def test_other_attributes_come_from_the_wrapped_backend(sd15_backend):
-    cached = CachedTextEncoder(sd15_backend)
-    assert cached.family == "sd15" and cached.unet is sd15_backend.unet
-    assert cached.fingerprint == sd15_backend.fingerprint
+def test_cached_outputs_are_not_weighted_so_a_weighted_request_is_refused(sd15_backend):
+    with pytest.raises(ConfigError, match=r"cache\.text_encoder_outputs: cached outputs are not weighted"):
+        CachedTextEncoder(sd15_backend).encode_text(["(red:1.5) cat"], weighted=True)
 
 
 def test_run_training_applies_the_text_cache_setting(tmp_path, sd15_backend):

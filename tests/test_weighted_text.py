@@ -7,7 +7,6 @@ token, so the positions a weight covers can be counted by hand (BOS is position 
 from __future__ import annotations
 
 import re
-import types
 from pathlib import Path
 
 import pytest
@@ -22,7 +21,7 @@ from lora_train_core.demo import make_synthetic_dataset
 from lora_train_core.errors import ConfigError
 from lora_train_core.model.network import NetworkConfig
 from lora_train_core.model.tiny_models import TOKEN_LENGTH, tiny_backend
-from lora_train_core.model.weighted_text import encode_weighted_captions, weighted_token_ids
+from lora_train_core.model.weighted_text import weighted_token_ids
 from lora_train_core.optim.optimizers import OptimizerConfig
 from lora_train_core.run.train import TrainConfig, TrainingRecipe, train
 
@@ -66,7 +65,7 @@ def red_weights(first: int, count: int, weight: float) -> list[float]:
 def test_caption_without_weight_syntax_encodes_exactly_as_the_backend(family):
     backend = tiny_backend(family, seed=0)
     with torch.no_grad():
-        weighted = encode_weighted_captions(backend, PLAIN)
+        weighted = backend.encode_text(PLAIN, weighted=True)
         plain = backend.encode_text(PLAIN)
     assert torch.equal(weighted.hidden, plain.hidden)
     if family == "sdxl":
@@ -77,7 +76,7 @@ def test_caption_without_weight_syntax_encodes_exactly_as_the_backend(family):
 
 def test_weighted_tokens_are_scaled_by_their_weight(sd15_backend):
     with torch.no_grad():
-        weighted = encode_weighted_captions(sd15_backend, ["(red:1.5) cat", "a [dog]"]).hidden
+        weighted = sd15_backend.encode_text(["(red:1.5) cat", "a [dog]"], weighted=True).hidden
         plain = sd15_backend.encode_text(["red cat", "a dog"]).hidden
     # "red" is positions 1-3; in "a [dog]", "a " is position 1 and "dog" positions 2-4, at 1/1.1.
     weights = [red_weights(1, 3, 1.5), red_weights(2, 3, 1 / 1.1)]
@@ -87,7 +86,7 @@ def test_weighted_tokens_are_scaled_by_their_weight(sd15_backend):
 
 def test_sdxl_weights_the_concatenated_states_and_leaves_pooled_unweighted(sdxl_backend):
     with torch.no_grad():
-        weighted = encode_weighted_captions(sdxl_backend, ["a (red:1.5) cat", "(blue:0.5)"])
+        weighted = sdxl_backend.encode_text(["a (red:1.5) cat", "(blue:0.5)"], weighted=True)
         plain = sdxl_backend.encode_text(["a red cat", "blue"])
     assert weighted.hidden.shape == (2, TOKEN_LENGTH, 64) and weighted.pooled.shape == (2, 32)
     weights = [red_weights(2, 3, 1.5), red_weights(1, 4, 0.5)]
@@ -131,14 +130,6 @@ def _train_losses(folder: Path, colour_pattern: str, weighted: bool) -> list[flo
         captions=CaptionConfig(weighted_captions=weighted),
     )
     return train(backend, dataset, plan, latents, recipe).losses
-
-
-def test_backend_without_tokenizers_is_refused():
-    comfy_like = types.SimpleNamespace(family="sd15", device=torch.device("cpu"), encode_text=None)
-    with pytest.raises(
-        ConfigError, match=r"captions\.weighted_captions is not supported by this backend yet"
-    ):
-        encode_weighted_captions(comfy_like, ["(red:1.5) cat"])
 
 
 @pytest.mark.parametrize("mode", ["ram", "disk"])

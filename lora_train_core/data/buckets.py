@@ -21,14 +21,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..errors import ConfigError, DatasetError, check_choice, check_int
+from ..errors import ConfigError, DatasetError, check_int
+from ..families import get_family
 from .dataset import ImageRecord
 from .images import load_rgb
 
 log = logging.getLogger(__name__)
-
-# The UNet halves the latent 3 times (SD1.5) or 2 times (SDXL), after the VAE's factor of 8.
-_FAMILY_STEPS = {"sd15": 64, "sdxl": 32}
 
 
 @dataclass(frozen=True)
@@ -122,8 +120,7 @@ class BucketConfig:
 
 def check_steps_for_family(cfg: BucketConfig, family: str) -> None:
     """Raise ConfigError unless bucket_reso_steps suits the model family (kohya: 64 SD1.5, 32 SDXL)."""
-    check_choice("model family", family, tuple(_FAMILY_STEPS))
-    needed = _FAMILY_STEPS[family]
+    needed = get_family(family, "model family").bucket_reso_step
     if cfg.bucket_reso_steps % needed:
         raise ConfigError(
             f"buckets.bucket_reso_steps: {cfg.bucket_reso_steps} is not a multiple of {needed}, "

@@ -84,28 +84,6 @@ def file_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
-def weights_fingerprint(state_dict: dict[str, torch.Tensor]) -> str:
-    """SHA-256 over a model's weights (names and float32 values): a cached latent is valid
-    only for the VAE that made it."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(state_dict.items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-    return digest.hexdigest()
-
-
-def sampled_fingerprint(state_dict: dict[str, torch.Tensor], samples: int = 4096) -> str:
-    """SHA-256 over each tensor's name, shape, dtype and `samples` values at a fixed stride:
-    identifies a multi-GB model in a second, where hashing every value would take minutes."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(state_dict.items()):
-        flat = tensor.detach().reshape(-1)
-        stride = max(1, flat.numel() // samples)
-        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
-        digest.update(flat[::stride][:samples].to("cpu", torch.float32).numpy().tobytes())
-    return digest.hexdigest()
-
-
 def entry_key(image_digest: str, assignment: BucketAssignment, vae_fingerprint: str) -> str:
     fields = {
         "format": CACHE_FORMAT,
@@ -155,7 +133,7 @@ def build_latents(
     cache_dir = (cfg.cache_dir or dataset.root / ".latent_cache") if cfg.mode == "disk" else None
     samples = []
     for i, (record, assignment) in enumerate(zip(dataset.images, plan.assignments, strict=True)):
-        key = entry_key(file_digest(record.path), assignment, backend.fingerprint)
+        key = entry_key(file_digest(record.path), assignment, backend.vae_fingerprint)
         sample = _read_entry(cache_dir, key) if cache_dir else None
         if sample is None:
             sample = _encode(record.path, record.size, assignment, backend, key)

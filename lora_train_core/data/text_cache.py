@@ -2,7 +2,8 @@
 `--cache_text_encoder_outputs` / `--cache_text_encoder_outputs_to_disk`).
 
 `CachedTextEncoder` wraps any backend: `encode_text` returns cached rows and every
-other attribute is the wrapped backend's, so `train()` runs on it unchanged.
+other member of the backend protocol is the wrapped backend's, so `train()` runs on
+it unchanged.
 Caching is only exact while the text encoder is frozen and each image's caption
 gives the same text at every step; `maybe_cache_text` refuses it otherwise, as
 kohya does (KOHYA_FACTS, "Caches"). Unlike kohya, the cached text is the text
@@ -21,17 +22,23 @@ import logging
 import random
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import safe_open
+from torch import nn
 
 from ..atomic_io import atomic_save_safetensors
 from ..errors import ConfigError
-from ..model.backend import Backend, TextConditioning
-from ..run.train import TrainingRecipe
+from ..families import ModelFamily
+from ..model.backend import Backend, PipelineParts, TextConditioning
+from ..model.kohya_keys import LoraTarget
 from .captions import CaptionConfig, process_caption
 from .dataset import Dataset
 from .latent_cache import CacheConfig
+
+if TYPE_CHECKING:  # a data component does not import the orchestrator's package
+    from ..run.train import TrainingRecipe
 
 log = logging.getLogger(__name__)
 CACHE_FORMAT = "lora_train_core.text.v1"
@@ -49,38 +56,97 @@ class CachedTextEncoder:
     """A backend whose `encode_text` returns cached outputs, each caption encoded once.
 
     Outputs are kept on the CPU and moved to the backend's device per batch. With
-    `cache_dir` (which needs `fingerprint`, identifying the text encoders), each
-    output is also stored on disk and read back by later runs. `encoded_count`
-    counts the captions that went through the text encoder.
+    `cache_dir`, each output is also stored on disk, keyed by the backend's
+    `text_encoder_fingerprint`, and read back by later runs. `encoded_count`
+    counts the captions that went through the text encoder. Every other member of
+    the Backend protocol is the wrapped backend's.
     """
 
-    def __init__(
-        self,
-        backend: Backend,
-        cache_dir: Path | None = None,
-        fingerprint: str | None = None,
-        batch_size: int = 16,
-    ):
-        if cache_dir is not None and fingerprint is None:
-            raise ValueError("a disk cache of text-encoder outputs needs the text encoders' fingerprint")
+    def __init__(self, backend: Backend, cache_dir: Path | None = None, batch_size: int = 16):
         self.backend = backend
         self.cache_dir = None if cache_dir is None else Path(cache_dir)
-        self.text_fingerprint = fingerprint
         self.batch_size = batch_size
         self.encoded_count = 0
         self._rows: dict[str, TextConditioning] = {}
 
-    def __getattr__(self, name: str):
-        # Called only for names this wrapper lacks: the rest of the Backend protocol.
-        backend = self.__dict__.get("backend")
-        if backend is None:
-            raise AttributeError(name)
-        return getattr(backend, name)
-
-    def encode_text(self, captions: Sequence[str]) -> TextConditioning:
+    def encode_text(self, captions: Sequence[str], weighted: bool = False) -> TextConditioning:
         """The cached outputs for `captions` (a caption not seen before is encoded now)."""
+        if weighted:  # the cache holds plain-text outputs (check_text_cacheable refuses the pairing)
+            raise ConfigError(
+                "cache.text_encoder_outputs: cached outputs are not weighted; "
+                "set cache.text_encoder_outputs = 'none' or captions.weighted_captions = false"
+            )
         self.prefill(captions)
         return TextConditioning.cat([self._rows[c] for c in captions]).to(self.backend.device)
+
+    # --- the rest of the Backend protocol: the wrapped backend's --------------------------------
+    @property
+    def family(self) -> str:
+        return self.backend.family
+
+    @property
+    def family_spec(self) -> ModelFamily:
+        return self.backend.family_spec
+
+    @property
+    def prediction_type(self) -> str:
+        return self.backend.prediction_type
+
+    @property
+    def device(self) -> torch.device:
+        return self.backend.device
+
+    @property
+    def alphas_cumprod(self) -> torch.Tensor:
+        return self.backend.alphas_cumprod
+
+    @property
+    def fp8_base(self) -> bool:
+        return self.backend.fp8_base
+
+    @property
+    def base_model_name(self) -> str:
+        return self.backend.base_model_name
+
+    @property
+    def vae_fingerprint(self) -> str:
+        return self.backend.vae_fingerprint
+
+    @property
+    def text_encoder_fingerprint(self) -> str:
+        return self.backend.text_encoder_fingerprint
+
+    def base_model_fingerprint(self) -> str:
+        return self.backend.base_model_fingerprint()
+
+    def encode_images(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        return self.backend.encode_images(pixels, generator)
+
+    def predict(
+        self,
+        noisy_latents: torch.Tensor,
+        timesteps: torch.Tensor,
+        text: TextConditioning,
+        size_conditioning: torch.Tensor | None,
+    ) -> torch.Tensor:
+        return self.backend.predict(noisy_latents, timesteps, text, size_conditioning)
+
+    def lora_targets(self, include_conv: bool, unet: bool, text_encoder: bool) -> list[LoraTarget]:
+        return self.backend.lora_targets(include_conv, unet, text_encoder)
+
+    def trainable_modules(self) -> list[nn.Module]:
+        return self.backend.trainable_modules()
+
+    def parkable_modules(self, latents_cached: bool, text_cached: bool) -> list[nn.Module]:
+        return self.backend.parkable_modules(latents_cached, text_cached)
+
+    def set_gradient_checkpointing(self, enabled: bool, preserve_rng_state: bool = True) -> None:
+        self.backend.set_gradient_checkpointing(enabled, preserve_rng_state)
+
+    def pipeline_parts(self) -> PipelineParts | None:
+        return self.backend.pipeline_parts()
+
+    # --- the cache ------------------------------------------------------------------------------
 
     def prefill(self, captions: Iterable[str]) -> None:
         """Make sure every caption has an output: read from disk, else encode in batches."""
@@ -105,7 +171,7 @@ class CachedTextEncoder:
                 self._write_entry(caption, row)
 
     def _key(self, caption: str) -> str:
-        fields = {"format": CACHE_FORMAT, "caption": caption, "text_encoders": self.text_fingerprint}
+        fields = {"format": CACHE_FORMAT, "caption": caption, "text_encoders": self.text_encoder_fingerprint}
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
     def _entry_path(self, key: str) -> Path:
@@ -134,23 +200,6 @@ class CachedTextEncoder:
             log.warning("text-encoder cache entry %s unreadable (%s); encoding again", path, exc)
             return None
         return TextConditioning(hidden, pooled)
-
-
-def text_encoder_fingerprint(backend: Backend) -> str | None:
-    """SHA-256 over the text encoders' weights (names, dtypes, bytes), the tokenizers'
-    lengths and the family; else the backend's own `text_encoder_fingerprint`; else None."""
-    encoders = getattr(backend, "text_encoders", None)
-    if not encoders:
-        return getattr(backend, "text_encoder_fingerprint", None)
-    digest = hashlib.sha256(backend.family.encode())
-    for index, encoder in enumerate(encoders):
-        for name, tensor in sorted(encoder.state_dict().items()):
-            digest.update(f"{index}.{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
-            raw = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
-            digest.update(raw.numpy().tobytes())
-    for tokenizer in getattr(backend, "tokenizers", ()):
-        digest.update(f"{type(tokenizer).__name__}:{getattr(tokenizer, 'model_max_length', '')}".encode())
-    return digest.hexdigest()
 
 
 def check_text_cacheable(mode: str, train_text_encoder: bool, captions: CaptionConfig) -> None:
@@ -211,15 +260,9 @@ def maybe_cache_text(
         check_text_cacheable(mode, recipe.network.train_text_encoder, captions)
     if mode == "none":
         return backend
-    cache_dir = fingerprint = None
+    cache_dir = None
     if mode == "disk":
-        fingerprint = text_encoder_fingerprint(backend)
-        if fingerprint is None:
-            raise ConfigError(
-                "cache.text_encoder_outputs: 'disk' needs to identify the text encoders, and this "
-                "backend cannot; use 'ram'"
-            )
         cache_dir = text_cache_dir(cache_cfg, dataset)
-    cached = CachedTextEncoder(backend, cache_dir, fingerprint)
+    cached = CachedTextEncoder(backend, cache_dir)
     cached.prefill(static_captions(dataset, recipe))
     return cached

@@ -1,21 +1,26 @@
-"""The backend protocol: what the training loop needs from a model family.
+"""The backend protocol: everything the core asks of a loaded model.
 
-The loop knows nothing of SD1.5 or SDXL. A backend supplies the noise
-schedule and prediction type, encodes images and captions, predicts the
-network output for a noisy latent, and lists the modules LoRA may wrap under
-their kohya names. `diffusers_backend.py` implements it for the CLI and tests;
-`nodes/comfy_backend.py` implements it on ComfyUI's loaded objects.
+The loop knows nothing of SD1.5 or SDXL. A backend supplies the noise schedule and
+prediction type, encodes images and captions, predicts the network output for a noisy
+latent, lists the modules LoRA may wrap under their kohya names, says which frozen
+modules a cached run never calls, identifies its weights (cache keys, the base model's
+record in a saved LoRA), and, where it can, the parts of a diffusers pipeline for
+validation samples. Per-family facts are the family's row (`family_spec`, families/).
+`diffusers_backend.py` implements it for the CLI and tests; `nodes/comfy_backend.py`
+on ComfyUI's loaded objects; `data/text_cache.CachedTextEncoder` wraps either. The core
+uses nothing of a backend beyond this protocol.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
+from ..families import ModelFamily
 from .kohya_keys import LoraTarget
 
 
@@ -60,17 +65,40 @@ class ModelFacts:
         return cls(backend.family, backend.prediction_type, backend.device, backend.fp8_base)
 
 
-class Backend(Protocol):
-    """What `train()` needs from a model family (see DESIGN.md, "The backend protocol")."""
+@dataclass(frozen=True)
+class PipelineParts:
+    """What a diffusers pipeline of the backend's family is assembled from, for validation samples:
+    the backend's own modules (no second copy), so LoRA applied to them is in the picture."""
 
-    family: str  # "sd15" (SD1.x/2.x UNet layout) or "sdxl"
+    family: ModelFamily  # its `diffusers_pipeline` names the pipeline class
+    unet: nn.Module
+    vae: nn.Module
+    text_encoders: tuple[nn.Module, ...]
+    tokenizers: tuple[Any, ...]
+    prediction_type: str  # "epsilon" or "v_prediction"
+    device: torch.device
+    compute_dtype: torch.dtype  # what the UNet computes in
+    fp8_base: bool  # the UNet's weights are float8: sample under autocast to compute_dtype
+
+
+class Backend(Protocol):
+    """What the core needs from a model (see DESIGN.md, "The backend protocol")."""
+
+    family: str  # the family's name, e.g. "sd15" (SD1.x/2.x) or "sdxl"
+    family_spec: ModelFamily  # the family's row of the table (families/): keys, strings, layout
     prediction_type: str  # "epsilon" or "v_prediction"
     device: torch.device
     alphas_cumprod: torch.Tensor  # (T,) float32, DDPM ā_t on `device`
-    latent_downscale: int  # image pixels per latent pixel (8 for SD)
-    base_model_version: str  # kohya's ss_base_model_version
-    modelspec_architecture: str  # SAI model spec, e.g. "stable-diffusion-v1/lora"
-    fingerprint: str  # identifies the VAE weights, for the latent cache key
+    fp8_base: bool  # the denoiser's weights are stored in float8 (kohya --fp8_base, ss_fp8_base)
+    base_model_name: str  # what a saved LoRA records as its base model (ss_sd_model_name)
+    vae_fingerprint: str  # identifies the VAE's weights: the latent cache key
+    text_encoder_fingerprint: str  # identifies the text encoders and tokenizers: the text cache key
+
+    def base_model_fingerprint(self) -> str:
+        """Identifies the denoiser's weights, for a saved LoRA's `ss_new_sd_model_hash`:
+        `model/fingerprint.sampled_weights_fingerprint` of its state dict (cheap on a multi-GB
+        model, also on GPU weights; not kohya's SHA-256 of the checkpoint file)."""
+        ...
 
     def encode_images(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """(B, 3, H, W) in [-1, 1] → latents scaled as the UNet expects.
@@ -80,8 +108,12 @@ class Backend(Protocol):
         """
         ...
 
-    def encode_text(self, captions: Sequence[str]) -> TextConditioning:
-        """Captions → conditioning; differentiable when text-encoder LoRA trains."""
+    def encode_text(self, captions: Sequence[str], weighted: bool = False) -> TextConditioning:
+        """Captions → conditioning; differentiable when text-encoder LoRA trains.
+
+        weighted: apply A1111/kohya attention weights written in the captions ("(red:1.5)",
+        captions.weighted_captions); a backend that cannot raises ConfigError saying so.
+        """
         ...
 
     def predict(
@@ -106,7 +138,18 @@ class Backend(Protocol):
         """The UNet and text encoders, for train/eval mode and checkpointing."""
         ...
 
+    def parkable_modules(self, latents_cached: bool, text_cached: bool) -> list[nn.Module]:
+        """The frozen modules that a run's steps never call and that may wait on the CPU
+        (run/parking.py): the VAE once latents are cached, the text encoders once their outputs
+        are. Empty where the backend's environment manages memory itself (ComfyUI)."""
+        ...
+
     def set_gradient_checkpointing(self, enabled: bool, preserve_rng_state: bool = True) -> None:
         """Checkpoint the UNet's blocks; preserve_rng_state=False when nothing inside draws random
         numbers (speed.cuda_graph needs it: the RNG state cannot be read while a graph records)."""
+        ...
+
+    def pipeline_parts(self) -> PipelineParts | None:
+        """The parts of a diffusers pipeline over this backend's modules, for the CLI's validation
+        samples; None where none can be built (ComfyUI samples with its own sampler)."""
         ...

@@ -1,14 +1,13 @@
 """SD1.x/2.x and SDXL on diffusers + transformers models (the CLI's backend).
 
-Text encoding follows kohya: SD1.x/2.x use the encoder's last hidden state;
-SDXL concatenates the penultimate hidden states of both encoders and takes the
-pooled, projected output of the second (`sdxl_train_util`).
+Text encoding follows kohya, as the family's row says: SD1.x/2.x use the encoder's
+last hidden state; SDXL concatenates the penultimate hidden states of both encoders
+and takes the pooled, projected output of the second (`sdxl_train_util`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from functools import cached_property, partial
 from pathlib import Path
 
@@ -17,19 +16,14 @@ import torch.utils.checkpoint
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from torch import nn
 
-from ..data.latent_cache import sampled_fingerprint, weights_fingerprint
 from ..errors import ConfigError, ModelError, check_choice
-from ..run.speed import store_in_fp8
-from .backend import ModelFacts, TextConditioning
+from ..families import ModelFamily, get_family
+from .backend import ModelFacts, PipelineParts, TextConditioning
+from .fingerprint import sampled_weights_fingerprint, text_encoders_fingerprint, weights_fingerprint
+from .fp8 import store_in_fp8
 from .kohya_keys import LoraTarget, text_encoder_targets, unet_targets
-
-FAMILIES = ("sd15", "sdxl")
-TE_PREFIXES = {"sd15": ("lora_te",), "sdxl": ("lora_te1", "lora_te2")}
-BASE_MODEL_VERSION = {"sd15": "sd_v1", "sdxl": "sdxl_base_v1-0"}
-MODELSPEC_ARCHITECTURE = {
-    "sd15": "stable-diffusion-v1/lora",
-    "sdxl": "stable-diffusion-xl-v1-base/lora",
-}
+from .model_config import ModelConfig
+from .weighted_text import encode_weighted_captions
 
 
 def kohya_alphas_cumprod() -> torch.Tensor:
@@ -38,19 +32,6 @@ def kohya_alphas_cumprod() -> torch.Tensor:
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000
     )
     return scheduler.alphas_cumprod.to(torch.float32)
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    """[model] section: which base model to train on."""
-
-    path: Path
-    family: str = "auto"  # auto, sd15, sdxl
-    v_parameterization: bool = False  # kohya: the model predicts v (SD2.x 768-v)
-
-    def __post_init__(self):
-        object.__setattr__(self, "path", Path(self.path))
-        check_choice("model.family", self.family, ("auto", *FAMILIES))
 
 
 class DiffusersBackend:
@@ -66,18 +47,19 @@ class DiffusersBackend:
         prediction_type: str = "epsilon",
         device: torch.device | str = "cpu",
         weight_dtype: torch.dtype = torch.float32,
-        fp8_unet: bool = False,
-        name: str = "in-memory",
+        fp8_base: bool = False,
+        model_name: str = "in-memory",
     ):
         """weight_dtype: the frozen weights' and the UNet inputs' dtype (the mixed-precision dtype).
-        fp8_unet: store the UNet's weights as float8 instead (speed.fp8_base); they are cast to
-        weight_dtype where used, under the training step's autocast."""
-        check_choice("model.family", family, FAMILIES)
-        check_choice("model.prediction_type", prediction_type, ("epsilon", "v_prediction"))
-        if len(text_encoders) != len(TE_PREFIXES[family]):
-            raise ModelError(
-                f"a {family} model has {len(TE_PREFIXES[family])} text encoder(s), got {len(text_encoders)}"
-            )
+        fp8_base: store the UNet's weights as float8 instead (speed.fp8_base); they are cast to
+        weight_dtype where used, under the training step's autocast.
+        model_name: `base_model_name`, what a saved LoRA records (the model path's name)."""
+        self.family_spec = get_family(family)
+        # the TOML sets it through model.v_parameterization (ModelConfig.prediction_type)
+        check_choice("prediction_type", prediction_type, ("epsilon", "v_prediction"))
+        encoders = len(self.family_spec.text_encoder_prefixes)
+        if len(text_encoders) != encoders:
+            raise ModelError(f"a {family} model has {encoders} text encoder(s), got {len(text_encoders)}")
         self.family = family
         self.prediction_type = prediction_type
         self.device = torch.device(device)
@@ -85,45 +67,60 @@ class DiffusersBackend:
         # The VAE stays fp32: SDXL's VAE overflows in fp16, and it runs once per image when caching.
         self.vae = _place(vae, self.device, torch.float32).eval()
         self.unet = _place(unet, self.device, weight_dtype)
-        if fp8_unet:
+        if fp8_base:
             if weight_dtype == torch.float32:
                 raise ConfigError(
                     "speed.fp8_base: needs train.mixed_precision 'bf16' or 'fp16' to compute in"
                 )
             self.unet = store_in_fp8(self.unet)
-        self.fp8_unet = self.fp8_base = fp8_unet
+        self.fp8_base = fp8_base
         self.text_encoders = [_place(te, self.device, weight_dtype) for te in text_encoders]
         self.tokenizers = list(tokenizers)
         self.alphas_cumprod = kohya_alphas_cumprod().to(self.device)
-        self.latent_downscale = 2 ** (len(vae.config.block_out_channels) - 1)
-        self.base_model_version = BASE_MODEL_VERSION[family]
-        self.modelspec_architecture = MODELSPEC_ARCHITECTURE[family]
-        self.base_model_name = name
-
-    def base_model_fingerprint(self) -> str:
-        return sampled_fingerprint(self.unet.state_dict())
-
-    def parkable_modules(self, latents_cached: bool, text_cached: bool) -> list[nn.Module]:
-        return ([self.vae] if latents_cached else []) + (list(self.text_encoders) if text_cached else [])
+        self.base_model_name = model_name
 
     @cached_property
-    def fingerprint(self) -> str:
-        """The VAE's weights fingerprint, for the latent cache key (computed when first asked)."""
+    def vae_fingerprint(self) -> str:
+        """`weights_fingerprint` of the VAE (computed when first asked)."""
         return weights_fingerprint(self.vae.state_dict())
+
+    @cached_property
+    def text_encoder_fingerprint(self) -> str:
+        """`text_encoders_fingerprint` of the encoders, with each tokenizer's class and length."""
+        tokenizers = [f"{type(t).__name__}:{t.model_max_length}" for t in self.tokenizers]
+        return text_encoders_fingerprint(
+            self.family, [te.state_dict() for te in self.text_encoders], tokenizers
+        )
+
+    def base_model_fingerprint(self) -> str:
+        """`sampled_weights_fingerprint` of the UNet's state dict (its weights as loaded: float8 with
+        fp8_base, else weight_dtype)."""
+        return sampled_weights_fingerprint(self.unet.state_dict())
 
     @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         posterior = self.vae.encode(pixels.to(self.device, torch.float32)).latent_dist
         return posterior.sample(generator) * self.vae.config.scaling_factor
 
-    def encode_text(self, captions: Sequence[str]) -> TextConditioning:
-        ids = [self._token_ids(tok, captions) for tok in self.tokenizers]
-        if self.family == "sd15":
-            return TextConditioning(self.text_encoders[0](ids[0]).last_hidden_state)
-        out1 = self.text_encoders[0](ids[0], output_hidden_states=True)
-        out2 = self.text_encoders[1](ids[1], output_hidden_states=True)
-        hidden = torch.cat([out1.hidden_states[-2], out2.hidden_states[-2]], dim=-1)
-        return TextConditioning(hidden, out2.text_embeds)
+    def encode_text(self, captions: Sequence[str], weighted: bool = False) -> TextConditioning:
+        """weighted: model/weighted_text.py, kohya's `--weighted_captions`."""
+        if weighted:
+            return encode_weighted_captions(self, captions)
+        return self.encode_token_ids([self._token_ids(tok, captions) for tok in self.tokenizers])
+
+    def encode_token_ids(self, ids: Sequence[torch.Tensor]) -> TextConditioning:
+        """Run each text encoder on its tokenizer's ids, as the family conditions its UNet: each
+        encoder's last (final-norm) or penultimate hidden state, concatenated, and the last
+        encoder's pooled projection where the family uses it (kohya `sdxl_train_util`)."""
+        family = self.family_spec
+        penultimate = family.text_hidden_state == "penultimate"
+        outputs = [
+            encoder(token_ids.to(self.device), output_hidden_states=penultimate)
+            for encoder, token_ids in zip(self.text_encoders, ids, strict=True)
+        ]
+        states = [out.hidden_states[-2] if penultimate else out.last_hidden_state for out in outputs]
+        hidden = states[0] if len(states) == 1 else torch.cat(states, dim=-1)
+        return TextConditioning(hidden, outputs[-1].text_embeds if family.pooled_text else None)
 
     def _token_ids(self, tokenizer, captions: Sequence[str]) -> torch.Tensor:
         return tokenizer(
@@ -142,7 +139,7 @@ class DiffusersBackend:
         size_conditioning: torch.Tensor | None,
     ) -> torch.Tensor:
         added = None
-        if self.family == "sdxl":
+        if self.family_spec.size_conditioning:
             if size_conditioning is None or text.pooled is None:
                 raise ValueError("SDXL needs pooled text embeddings and size conditioning")
             added = {"text_embeds": text.pooled, "time_ids": size_conditioning.to(self.device)}
@@ -156,14 +153,30 @@ class DiffusersBackend:
     def lora_targets(self, include_conv: bool, unet: bool, text_encoder: bool) -> list[LoraTarget]:
         targets: list[LoraTarget] = []
         if unet:
-            targets += unet_targets(self.unet, self.family, include_conv)
+            targets += unet_targets(self.unet, self.family_spec, include_conv)
         if text_encoder:
-            for te, prefix in zip(self.text_encoders, TE_PREFIXES[self.family], strict=True):
+            for te, prefix in zip(self.text_encoders, self.family_spec.text_encoder_prefixes, strict=True):
                 targets += text_encoder_targets(te, prefix)
         return targets
 
     def trainable_modules(self) -> list[nn.Module]:
         return [self.unet, *self.text_encoders]
+
+    def parkable_modules(self, latents_cached: bool, text_cached: bool) -> list[nn.Module]:
+        return ([self.vae] if latents_cached else []) + (list(self.text_encoders) if text_cached else [])
+
+    def pipeline_parts(self) -> PipelineParts:
+        return PipelineParts(
+            family=self.family_spec,
+            unet=self.unet,
+            vae=self.vae,
+            text_encoders=tuple(self.text_encoders),
+            tokenizers=tuple(self.tokenizers),
+            prediction_type=self.prediction_type,
+            device=self.device,
+            compute_dtype=self.weight_dtype,
+            fp8_base=self.fp8_base,
+        )
 
     def set_gradient_checkpointing(self, enabled: bool, preserve_rng_state: bool = True) -> None:
         if enabled:
@@ -210,9 +223,7 @@ def detect_family(path: Path) -> str:
 
 def model_facts(cfg: ModelConfig, device: torch.device, fp8_base: bool = False) -> ModelFacts:
     """What the checks before training need of the model in `cfg`, read without loading it."""
-    family = _checked_family(cfg)
-    prediction_type = "v_prediction" if cfg.v_parameterization else "epsilon"
-    return ModelFacts(family, prediction_type, torch.device(device), fp8_base)
+    return ModelFacts(_checked_family(cfg), cfg.prediction_type, torch.device(device), fp8_base)
 
 
 def _checked_family(cfg: ModelConfig) -> str:
@@ -234,25 +245,31 @@ def load_diffusers_backend(
     cfg: ModelConfig,
     device: torch.device | str = "cpu",
     weight_dtype: torch.dtype = torch.float32,
-    fp8_unet: bool = False,
+    fp8_base: bool = False,
 ) -> DiffusersBackend:
     """Load a base model from a diffusers folder or a single .safetensors checkpoint."""
     path = cfg.path
     family = _checked_family(cfg)
-    parts = _load_folder(path, family) if path.is_dir() else _load_single_file(path, family)
-    prediction_type = "v_prediction" if cfg.v_parameterization else "epsilon"
+    spec = get_family(family)
+    parts = _load_folder(path, spec) if path.is_dir() else _load_single_file(path, spec)
     return DiffusersBackend(
         *parts,
         family=family,
-        prediction_type=prediction_type,
+        prediction_type=cfg.prediction_type,
         device=device,
         weight_dtype=weight_dtype,
-        fp8_unet=fp8_unet,
-        name=path.name,
+        fp8_base=fp8_base,
+        model_name=path.name,
     )
 
 
-def _load_folder(path: Path, family: str):
+def text_encoder_suffixes(family: ModelFamily) -> list[str]:
+    """diffusers' name suffix of each text encoder and its tokenizer, in the family's encoder order:
+    `text_encoder`, `text_encoder_2`, ... (the pipelines' arguments and the model folders' names)."""
+    return ["" if i == 0 else f"_{i + 1}" for i in range(len(family.text_encoder_prefixes))]
+
+
+def _load_folder(path: Path, family: ModelFamily):
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     missing = [d for d in ("unet", "vae", "text_encoder", "tokenizer") if not (path / d).is_dir()]
@@ -260,25 +277,27 @@ def _load_folder(path: Path, family: str):
         raise ModelError(
             f"model.path: {str(path)!r} is not a diffusers model folder (missing {', '.join(missing)}/)"
         )
+    suffixes = text_encoder_suffixes(family)
+    # the last encoder's projection gives the pooled text, where the family uses it
+    classes = [CLIPTextModel] * (len(suffixes) - 1)
+    classes.append(CLIPTextModelWithProjection if family.pooled_text else CLIPTextModel)
     try:
         unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet")
         vae = AutoencoderKL.from_pretrained(path, subfolder="vae")
-        text_encoders = [CLIPTextModel.from_pretrained(path, subfolder="text_encoder")]
-        tokenizers = [CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")]
-        if family == "sdxl":
-            text_encoders.append(
-                CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2")
-            )
-            tokenizers.append(CLIPTokenizer.from_pretrained(path, subfolder="tokenizer_2"))
+        text_encoders = [
+            cls.from_pretrained(path, subfolder=f"text_encoder{suffix}")
+            for cls, suffix in zip(classes, suffixes, strict=True)
+        ]
+        tokenizers = [CLIPTokenizer.from_pretrained(path, subfolder=f"tokenizer{s}") for s in suffixes]
     except (OSError, ValueError) as exc:
         raise ModelError(f"model.path: cannot load the model in {str(path)!r}: {exc}") from exc
     return unet, vae, text_encoders, tokenizers
 
 
-def _load_single_file(path: Path, family: str):
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+def _load_single_file(path: Path, family: ModelFamily):
+    import diffusers
 
-    pipeline_class = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
+    pipeline_class = getattr(diffusers, family.diffusers_pipeline)
     try:
         pipe = pipeline_class.from_single_file(str(path))
     except Exception as exc:
@@ -286,14 +305,9 @@ def _load_single_file(path: Path, family: str):
             f"model.path: cannot load the checkpoint {str(path)!r} ({exc}). diffusers needs the model's "
             "configs, which it downloads once; offline, convert the checkpoint to a diffusers folder first"
         ) from exc
-    if family == "sdxl":
-        return (
-            pipe.unet,
-            pipe.vae,
-            [pipe.text_encoder, pipe.text_encoder_2],
-            [pipe.tokenizer, pipe.tokenizer_2],
-        )
-    return pipe.unet, pipe.vae, [pipe.text_encoder], [pipe.tokenizer]
+    suffixes = text_encoder_suffixes(family)
+    text_encoders = [getattr(pipe, f"text_encoder{suffix}") for suffix in suffixes]
+    return pipe.unet, pipe.vae, text_encoders, [getattr(pipe, f"tokenizer{suffix}") for suffix in suffixes]
 
 
-__all__ = ["ConfigError", "DiffusersBackend", "ModelConfig", "detect_family", "load_diffusers_backend"]
+__all__ = ["DiffusersBackend", "detect_family", "load_diffusers_backend"]

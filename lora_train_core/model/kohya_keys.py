@@ -26,14 +26,22 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import partial
+from typing import TYPE_CHECKING
 
 from torch import nn
 
 from ..errors import check_choice
 
+if TYPE_CHECKING:  # families/ builds on this module's UNetLayout
+    from ..families import ModelFamily
+
 UNET_PREFIX = "lora_unet"
+# the top-level UNet modules kohya's names start with, per naming (a family's `unet_names`)
+UNET_BLOCK_ROOTS = {
+    "diffusers": ("down_blocks", "mid_block", "up_blocks"),
+    "sgm": ("input_blocks", "middle_block", "output_blocks"),
+}
 TEXT_ENCODER_COMPONENTS = {"lora_te": "te", "lora_te1": "te1", "lora_te2": "te2"}
-FAMILIES = ("sd15", "sdxl")  # "sd15" covers SD1.x and SD2.x: same UNet naming
 
 # kohya's UNET_TARGET_REPLACE_MODULE (diffusers/kohya class name, then ComfyUI's)
 TRANSFORMER_CONTAINERS = frozenset({"Transformer2DModel", "SpatialTransformer"})
@@ -74,7 +82,6 @@ class UNetLayout:
     """
 
     layers_per_block: tuple[int, ...]
-    down_attention: tuple[bool, ...]
     up_attention: tuple[bool, ...]
     mid_attention: bool = True
 
@@ -87,7 +94,6 @@ class UNetLayout:
             layers = [layers] * len(down_types)
         return cls(
             layers_per_block=tuple(layers),
-            down_attention=tuple("Attn" in t for t in down_types),
             up_attention=tuple("Attn" in t for t in up_types),
             mid_attention="Attn" in str(config.get("mid_block_type", "UNetMidBlock2DCrossAttn")),
         )
@@ -109,15 +115,11 @@ class UNetLayout:
         return [(i, j) for i, layers in enumerate(reversed(self.layers_per_block)) for j in range(layers + 1)]
 
 
-SD15_LAYOUT = UNetLayout((2, 2, 2, 2), (True, True, True, False), (False, True, True, True))
-SDXL_LAYOUT = UNetLayout((2, 2, 2), (False, True, True), (True, True, False))
-
-
-def unet_targets(unet: nn.Module, family: str, include_conv: bool) -> list[LoraTarget]:
-    """Targets of a diffusers `UNet2DConditionModel` under kohya's names for `family`."""
-    check_choice("family", family, FAMILIES)
+def unet_targets(unet: nn.Module, family: ModelFamily, include_conv: bool) -> list[LoraTarget]:
+    """Targets of a diffusers `UNet2DConditionModel` under kohya's names for `family`
+    (its `unet_names`: diffusers paths as they are, or translated to SGM paths)."""
     rename: Callable[[str], str] = str
-    if family == "sdxl":
+    if family.unet_names == "sgm":
         rename = partial(diffusers_to_sgm_unet_path, layout=UNetLayout.from_config(unet.config))
     return _container_targets(unet, _unet_containers(include_conv), UNET_PREFIX, "unet", rename)
 
@@ -132,7 +134,7 @@ def sgm_unet_targets(
 
     kohya name = prefix + rename(path) with "." → "_". For SDXL `rename` is the
     identity; for SD1.x/2.x kohya's names are diffusers-style, so pass
-    `partial(sgm_to_diffusers_unet_path, layout=SD15_LAYOUT)`.
+    `partial(sgm_to_diffusers_unet_path, layout=<the UNet's layout>)`.
     """
     return _container_targets(unet, _unet_containers(include_conv), prefix, "unet", rename)
 

@@ -16,7 +16,8 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from .diffusers_backend import DiffusersBackend
+from ..families import get_family
+from .diffusers_backend import DiffusersBackend, text_encoder_suffixes
 
 TOKEN_LENGTH = 32
 HIDDEN = 32
@@ -72,6 +73,7 @@ def _text_config() -> CLIPTextConfig:
 
 
 def tiny_vae(family: str) -> AutoencoderKL:
+    spec = get_family(family)
     return AutoencoderKL(
         in_channels=3,
         out_channels=3,
@@ -79,18 +81,19 @@ def tiny_vae(family: str) -> AutoencoderKL:
         up_block_types=("UpDecoderBlock2D",) * 4,
         block_out_channels=(8, 16, 16, 16),
         layers_per_block=1,
-        latent_channels=4,
+        latent_channels=spec.latent_channels,
         norm_num_groups=8,
         sample_size=64,
-        scaling_factor=0.13025 if family == "sdxl" else 0.18215,
+        scaling_factor=spec.vae_scaling_factor,
     )
 
 
 def tiny_unet(family: str) -> UNet2DConditionModel:
+    channels = get_family(family).latent_channels
     common = dict(
         sample_size=8,
-        in_channels=4,
-        out_channels=4,
+        in_channels=channels,
+        out_channels=channels,
         layers_per_block=2,
         block_out_channels=(32, 64),
         norm_num_groups=32,
@@ -119,11 +122,12 @@ def tiny_unet(family: str) -> UNet2DConditionModel:
 
 def tiny_components(family: str, seed: int = 0):
     """(unet, vae, text_encoders, tokenizers) with weights drawn from `seed`."""
+    spec = get_family(family)
     torch.manual_seed(seed)
     unet, vae = tiny_unet(family), tiny_vae(family)
-    text_encoders = [CLIPTextModel(_text_config())]
-    if family == "sdxl":
-        text_encoders.append(CLIPTextModelWithProjection(_text_config()))
+    text_encoders = [CLIPTextModel(_text_config()) for _ in spec.text_encoder_prefixes[1:]]
+    last = CLIPTextModelWithProjection if spec.pooled_text else CLIPTextModel  # its projection: pooled text
+    text_encoders.append(last(_text_config()))
     tokenizers = [tiny_tokenizer() for _ in text_encoders]
     return unet, vae, text_encoders, tokenizers
 
@@ -131,7 +135,7 @@ def tiny_components(family: str, seed: int = 0):
 def tiny_backend(
     family: str = "sd15", seed: int = 0, prediction_type: str = "epsilon", **placement
 ) -> DiffusersBackend:
-    """A DiffusersBackend over tiny_components; `placement`: device, weight_dtype, fp8_unet."""
+    """A DiffusersBackend over tiny_components; `placement`: device, weight_dtype, fp8_base."""
     unet, vae, text_encoders, tokenizers = tiny_components(family, seed)
     return DiffusersBackend(
         unet, vae, text_encoders, tokenizers, family=family, prediction_type=prediction_type, **placement
@@ -143,10 +147,9 @@ def save_tiny_model(folder: Path, family: str = "sd15", seed: int = 0) -> Path:
     unet, vae, text_encoders, _ = tiny_components(family, seed)
     unet.save_pretrained(folder / "unet")
     vae.save_pretrained(folder / "vae")
-    names = ["", "_2"][: len(text_encoders)]
-    for suffix, te in zip(names, text_encoders, strict=True):
+    for suffix, te in zip(text_encoder_suffixes(get_family(family)), text_encoders, strict=True):
         te.save_pretrained(folder / f"text_encoder{suffix}")
         write_tiny_tokenizer(folder / f"tokenizer{suffix}")
-    pipeline = "StableDiffusionXLPipeline" if family == "sdxl" else "StableDiffusionPipeline"
-    (folder / "model_index.json").write_text(json.dumps({"_class_name": pipeline}), encoding="utf-8")
+    index = {"_class_name": get_family(family).diffusers_pipeline}
+    (folder / "model_index.json").write_text(json.dumps(index), encoding="utf-8")
     return folder

@@ -1,68 +1,51 @@
 """Weighted captions (kohya `--weighted_captions`): A1111 attention syntax in a caption
-scales the text-encoder outputs of the tokens it covers.
+scales the text-encoder outputs of the tokens it covers. `DiffusersBackend.encode_text(...,
+weighted=True)` runs this.
 
 Each caption is split into (text, weight) runs by `captions.parse_weighted_caption`;
 each run is tokenized without special tokens and every token gets its run's weight;
 ids are cut to the tokenizer's length − 2, then BOS, EOS and padding are added with
 weight 1.0 (custom_train_functions.py `get_prompts_with_weights` /
 `pad_tokens_and_weights`; strategy_base.py `_get_weighted_input_ids`). The text
-encoders then run exactly as `DiffusersBackend.encode_text` runs them, so a caption
-without weight syntax gives the same conditioning, and each token's hidden state is
-multiplied by its weight, as current sd-scripts does (strategy_sd.py /
-strategy_sdxl.py `encode_tokens_with_weights`; not the mean rescale of its older
-SD1.x `get_weighted_text_embeddings`). SDXL: both encoders' penultimate states are weighted; the pooled output
-of the second encoder is left unweighted, as kohya leaves it. Only one 77-token
-window is used (no `max_token_length`), as everywhere in this trainer.
+encoders then run exactly as for unweighted captions (`DiffusersBackend.encode_token_ids`),
+so a caption without weight syntax gives the same conditioning, and each token's hidden
+state is multiplied by its weight, as current sd-scripts does (strategy_sd.py /
+strategy_sdxl.py `encode_tokens_with_weights`; not the mean rescale of its older SD1.x
+`get_weighted_text_embeddings`). SDXL: both encoders' penultimate states are weighted; the
+pooled output of the second encoder is left unweighted, as kohya leaves it. Only one
+77-token window is used (no `max_token_length`), as everywhere in this trainer.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..data.captions import parse_weighted_caption
-from ..errors import ConfigError, ModelError
+from ..errors import ModelError
 from .backend import TextConditioning
 
-SUPPORTED_FAMILIES = ("sd15", "sdxl")
+if TYPE_CHECKING:  # the backend calls in here from its encode_text(weighted=True)
+    from .diffusers_backend import DiffusersBackend
 
 
-def check_weighted_captions_supported(backend) -> None:
-    """Raise ConfigError unless `backend` exposes its tokenizers and text encoders
-    (DiffusersBackend does; the ComfyUI backend does not yet)."""
-    if (
-        not getattr(backend, "tokenizers", None)
-        or not getattr(backend, "text_encoders", None)
-        or getattr(backend, "family", None) not in SUPPORTED_FAMILIES
-    ):
-        raise ConfigError(
-            "captions.weighted_captions is not supported by this backend yet; "
-            "set captions.weighted_captions = false"
-        )
-
-
-def encode_weighted_captions(backend, captions: Sequence[str]) -> TextConditioning:
+def encode_weighted_captions(backend: DiffusersBackend, captions: Sequence[str]) -> TextConditioning:
     """`backend.encode_text(captions)` with each caption's attention weights applied.
 
     Differentiable when the text encoders are (text-encoder LoRA trains).
-    Raises ConfigError for a backend without tokenizers and text encoders.
     """
-    check_weighted_captions_supported(backend)
     tokenized = [weighted_token_ids(tokenizer, captions) for tokenizer in backend.tokenizers]
-    ids = [token_ids.to(backend.device) for token_ids, _ in tokenized]
     weights = tokenized[0][1]
-    if backend.family == "sd15":
-        hidden = backend.text_encoders[0](ids[0]).last_hidden_state
-        return TextConditioning(_weighted(hidden, weights))
-    if not torch.equal(weights, tokenized[1][1]):
-        # Both SDXL tokenizers share CLIP's vocabulary, so their tokens line up; one weight
+    if any(not torch.equal(weights, other) for _, other in tokenized[1:]):
+        # SDXL's two tokenizers share CLIP's vocabulary, so their tokens line up; one weight
         # per position across the concatenated states needs that.
-        raise ModelError("SDXL's two tokenizers split a weighted caption differently; cannot weight it")
-    out1 = backend.text_encoders[0](ids[0], output_hidden_states=True)
-    out2 = backend.text_encoders[1](ids[1], output_hidden_states=True)
-    hidden = torch.cat([out1.hidden_states[-2], out2.hidden_states[-2]], dim=-1)
-    return TextConditioning(_weighted(hidden, weights), out2.text_embeds)
+        raise ModelError(
+            f"{backend.family_spec.title}'s tokenizers split a weighted caption differently; cannot weight it"
+        )
+    text = backend.encode_token_ids([token_ids for token_ids, _ in tokenized])
+    return TextConditioning(_weighted(text.hidden, weights), text.pooled)
 
 
 def weighted_token_ids(tokenizer, captions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -2,9 +2,9 @@
 
 Mirrors sd-scripts networks/lora.py: `get_block_index`, `get_block_lr_weight`,
 `prepare_optimizer_params` and `get_block_dims_and_alphas`. The UNet is cut into
-kohya's blocks: SD1.5 has 25 (0 unused, 1-11 down, 12 mid, 13-24 up), SDXL 23
-(0 time/label embedding, 1-9 input, 10-12 middle, 13-21 output, 22 out).
-Block indices come from the kohya module name alone.
+kohya's blocks, as the family's `blocks` layout says: SD1.5 has 25 (0 unused, 1-11 down,
+12 mid, 13-24 up), SDXL 23 (0 time/label embedding, 1-9 input, 10-12 middle, 13-21
+output, 22 out). Block indices come from the kohya module name alone.
 """
 
 from __future__ import annotations
@@ -16,25 +16,14 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from ..errors import ConfigError, check_choice, check_range
+from ..errors import ConfigError, check_range
+from ..families import ModelFamily, get_family
+from ..model.kohya_keys import TEXT_ENCODER_COMPONENTS, UNET_PREFIX
 from .optimizers import OptimizerConfig
 
-FAMILIES = ("sd15", "sdxl")
 PRESETS = ("cosine", "sine", "linear", "reverse_linear", "zeros")
-# (down/up weights, mid weights, all blocks) per family; SDXL adds blocks 0 and 22 at weight 1.
-_BLOCK_COUNTS = {"sd15": (12, 1, 25), "sdxl": (9, 3, 23)}
-_SD15_UPDOWN = re.compile(r"(up|down)_blocks_(\d+)_(resnets|upsamplers|downsamplers|attentions)_(\d+)_")
-_SDXL_BLOCK_START = {
-    "time_embed": 0,
-    "label_emb": 0,
-    "input_blocks": 1,
-    "middle_block": 10,
-    "output_blocks": 13,
-}
-_COMPONENTS = {
-    "sd15": {"lora_unet_": "unet", "lora_te_": "te"},
-    "sdxl": {"lora_unet_": "unet", "lora_te1_": "te1", "lora_te2_": "te2"},
-}
+# kohya names from diffusers paths: level i's resnets/attentions j and its sampler (slot 2)
+_DIFFUSERS_UPDOWN = re.compile(r"(up|down)_blocks_(\d+)_(resnets|upsamplers|downsamplers|attentions)_(\d+)_")
 
 
 @dataclass(frozen=True)
@@ -76,38 +65,44 @@ class BlockWeights:
 
 def block_index(kohya_name: str, family: str) -> int | None:
     """kohya's block of a UNet LoRA module (networks/lora.py `get_block_index`); None for text encoders."""
-    check_choice("family", family, FAMILIES)
-    if _component(kohya_name, family) != "unet":
+    spec = get_family(family, "family")
+    if _component(kohya_name, spec) != "unet":
         return None
-    name = kohya_name.removeprefix("lora_unet_")
-    if family == "sd15":
-        m = _SD15_UPDOWN.search(name)
+    name, blocks = kohya_name.removeprefix(f"{UNET_PREFIX}_"), spec.blocks
+    if spec.unet_names == "diffusers":
+        m = _DIFFUSERS_UPDOWN.search(name)
         if m:
             direction, i, kind, j = m[1], int(m[2]), m[3], int(m[4])
             idx = 3 * i + (2 if kind in ("upsamplers", "downsamplers") else j)
-            return 1 + idx if direction == "down" else 13 + idx
+            return 1 + idx if direction == "down" else blocks.down + blocks.mid + idx
         if name.startswith("mid_block_"):
-            return 12
+            return blocks.down
     else:
-        for prefix, start in _SDXL_BLOCK_START.items():
+        starts = {
+            "time_embed": 0,
+            "label_emb": 0,
+            "input_blocks": 1,
+            "middle_block": 1 + blocks.down,
+            "output_blocks": 1 + blocks.down + blocks.mid,
+        }
+        for prefix, start in starts.items():
             if name.startswith(prefix + "_"):
                 return start if start == 0 else start + int(name.split("_")[2])
         if name.startswith("out_"):
-            return 22
+            return blocks.count - 1
     raise ValueError(f"{kohya_name!r} lies in no {family} UNet block (kohya get_block_index)")
 
 
 def lr_weight_per_block(weights: BlockWeights, family: str) -> list[float]:
     """The lr factor of every block (25 for SD1.5, 23 for SDXL), kohya `get_block_lr_weight`."""
-    check_choice("family", family, FAMILIES)
-    n_updown, n_mid, n_total = _BLOCK_COUNTS[family]
-    down = _weights("down_lr_weight", weights.down_lr_weight, n_updown)
-    mid = _weights("mid_lr_weight", weights.mid_lr_weight, n_mid)
-    up = _weights("up_lr_weight", weights.up_lr_weight, n_updown)
+    blocks = get_family(family, "family").blocks
+    down = _weights("down_lr_weight", weights.down_lr_weight, blocks.down)
+    mid = _weights("mid_lr_weight", weights.mid_lr_weight, blocks.mid)
+    up = _weights("up_lr_weight", weights.up_lr_weight, blocks.down)
     per_block = down + mid + up
-    if family == "sdxl":
-        per_block = [1.0, *per_block, 1.0]  # time embedding and out, which kohya never wraps
-    assert len(per_block) == n_total
+    if blocks.outer:
+        per_block = [1.0, *per_block, 1.0]  # e.g. SDXL's time embedding and out, which kohya never wraps
+    assert len(per_block) == blocks.count
     return [w if w > weights.block_lr_zero_threshold else 0.0 for w in per_block]
 
 
@@ -124,10 +119,12 @@ def build_param_groups(
     for UNet blocks; × loraplus_lr_ratio for the LoRA+ group of lora_up weights. Parameters
     whose lr is 0 get no group and are frozen; all others are set trainable.
     """
-    check_choice("family", family, FAMILIES)
-    if family == "sd15" and opt.text_encoder_lr is not None and len(opt.text_encoder_lr) > 1:
+    spec = get_family(family, "family")
+    encoders = len(spec.text_encoder_prefixes)
+    if opt.text_encoder_lr is not None and len(opt.text_encoder_lr) > encoders:
         raise ConfigError(
-            f"optimizer.text_encoder_lr: {opt.text_encoder_lr} has two values but SD1.5 has one text encoder"
+            f"optimizer.text_encoder_lr: {opt.text_encoder_lr} has {len(opt.text_encoder_lr)} values but "
+            f"{spec.title} has {encoders} text encoder(s); give one value"
         )
     block_weights = lr_weight_per_block(blocks, family) if blocks is not None and blocks.is_set else None
     if block_weights is not None and opt.adafactor_relative_step:
@@ -138,7 +135,7 @@ def build_param_groups(
     groups: dict[str, dict] = {}
     for param_name, param in named_params:
         module, is_up = _split_param_name(param_name)
-        component = _component(module, family)
+        component = _component(module, spec)
         lr, name = _component_lr(component, opt), component
         if component == "unet" and block_weights is not None:
             idx = block_index(module, family)
@@ -199,30 +196,27 @@ def per_module_dims(
     conv_block_dims: Sequence[int] | None = None,
     conv_block_alphas: Sequence[float] | None = None,
     conv3x3_modules: frozenset[str] = frozenset(),
-    block_lr_weights: Sequence[float] | None = None,
 ) -> tuple[dict[str, int], dict[str, float]]:
     """Rank and alpha of each UNet module from kohya's block_dims / block_alphas / conv_block_*.
 
     Lists hold one value per block (25 SD1.5, 23 SDXL). Linear and 1×1 modules read
     block_*, modules in `conv3x3_modules` read conv_block_*. Only what the lists decide is
     returned: text-encoder modules, and modules whose list is None, keep network_dim /
-    network_alpha (conv_dim / conv_alpha). Dim 0 (also where block_lr_weights is 0) means
-    "no LoRA here". kohya `get_block_dims_and_alphas`, `remove_block_dims_and_alphas`.
+    network_alpha (conv_dim / conv_alpha). Dim 0 means "no LoRA here" (modules in blocks of lr
+    weight 0 are dropped before, by `excluded_modules`). kohya `get_block_dims_and_alphas`.
     """
-    check_choice("family", family, FAMILIES)
-    n_total = _BLOCK_COUNTS[family][2]
+    blocks = get_family(family, "family").blocks
     lists = {
         "block_dims": block_dims,
         "block_alphas": block_alphas,
         "conv_block_dims": conv_block_dims,
         "conv_block_alphas": conv_block_alphas,
-        "block_lr_weights": block_lr_weights,
     }
     for field, values in lists.items():
-        if values is not None and len(values) != n_total:
+        if values is not None and len(values) != blocks.count:
             raise ConfigError(
-                f"network.{field}: {len(values)} values given; {family} needs {n_total}, one per UNet block "
-                f"({_layout_hint(family)})"
+                f"network.{field}: {len(values)} values given; {family} needs {blocks.count}, one per UNet "
+                f"block ({blocks.description})"
             )
         for v in values or ():
             check_range(f"network.{field}", v, 0, None)
@@ -235,8 +229,7 @@ def per_module_dims(
         conv = module in conv3x3_modules
         dim_list, alpha_list = (conv_block_dims, conv_block_alphas) if conv else (block_dims, block_alphas)
         if dim_list is not None:
-            dropped = block_lr_weights is not None and block_lr_weights[idx] == 0
-            dims[module] = 0 if dropped else int(dim_list[idx])
+            dims[module] = int(dim_list[idx])
         if alpha_list is not None:
             alphas[module] = float(alpha_list[idx])
     return dims, alphas
@@ -249,11 +242,14 @@ def _split_param_name(param_name: str) -> tuple[str, bool]:
     raise ValueError(f"{param_name!r} is not '<kohya module>.lora_down.weight' or '.lora_up.weight'")
 
 
-def _component(kohya_name: str, family: str) -> str:
-    for prefix, component in _COMPONENTS[family].items():
-        if kohya_name.startswith(prefix):
+def _component(kohya_name: str, family: ModelFamily) -> str:
+    """ "unet", or the text encoder's component name ("te", "te1", ...), from the key's prefix."""
+    prefixes = {UNET_PREFIX: "unet"} | {p: TEXT_ENCODER_COMPONENTS[p] for p in family.text_encoder_prefixes}
+    for prefix, component in prefixes.items():
+        if kohya_name.startswith(prefix + "_"):
             return component
-    raise ValueError(f"{kohya_name!r} has none of the {family} prefixes {', '.join(_COMPONENTS[family])}")
+    listed = ", ".join(p + "_" for p in prefixes)
+    raise ValueError(f"{kohya_name!r} has none of the {family.name} prefixes {listed}")
 
 
 def _component_lr(component: str, opt: OptimizerConfig) -> float:
@@ -303,9 +299,3 @@ def _preset(name: str, base: float, n: int) -> list[float]:
     ramp["cosine"] = ramp["sine"][::-1]
     ramp["reverse_linear"] = ramp["linear"][::-1]
     return [w + base for w in ramp[name]]
-
-
-def _layout_hint(family: str) -> str:
-    if family == "sd15":
-        return "0 unused, 1-11 down, 12 mid, 13-24 up"
-    return "0 time embedding, 1-9 input, 10-12 middle, 13-21 output, 22 out"

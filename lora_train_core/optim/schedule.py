@@ -23,7 +23,6 @@ steps T and p = (s − W)/(T − W), f(s) = s/W while s < W, then:
 from __future__ import annotations
 
 import torch
-from diffusers.optimization import get_scheduler
 
 from ..errors import ConfigError
 from .optimizers import OptimizerConfig
@@ -60,6 +59,10 @@ def build_lr_scheduler(
             f"optimizer.learning_rate: {optimizer.defaults['lr']!r} must exceed the polynomial schedule's "
             f"end lr {POLYNOMIAL_LR_END:g}"
         )
+    # imported here: diffusers takes seconds to import, and reading a config (which imports
+    # this module through run/train.py) must not pay for it
+    from diffusers.optimization import get_scheduler
+
     return get_scheduler(
         cfg.lr_scheduler,
         optimizer,

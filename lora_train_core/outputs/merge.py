@@ -27,27 +27,31 @@ import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from ..errors import ConfigError, ModelError, check_choice, check_int
+from ..families import FAMILIES
+from ..model.kohya_keys import UNET_BLOCK_ROOTS, UNET_PREFIX
 from .export import SAVE_DTYPES, read_metadata, save_lora
+
+if TYPE_CHECKING:  # loaded only by the merge into a model: diffusers is slow to import
+    from ..model.diffusers_backend import DiffusersBackend
 
 MODES = ("concat", "svd")
 # metadata that names the architecture: inputs must agree on it, the merged file keeps it
 ARCHITECTURE_KEYS = ("ss_base_model_version", "ss_v2", "modelspec.architecture")
 _SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha")
-# kohya's prefixes tell SD1.x/2.x (diffusers paths, one text encoder) from SDXL (SGM paths, two)
+# kohya's prefixes tell the families apart: their text encoders' and their UNet blocks' names
+# (SD1.x/2.x: `lora_te_`, diffusers paths; SDXL: `lora_te1_`/`lora_te2_`, SGM paths)
 _KEY_SCHEMES = {
-    "SD1.x/2.x": ("lora_te_", "lora_unet_down_blocks_", "lora_unet_mid_block_", "lora_unet_up_blocks_"),
-    "SDXL": (
-        "lora_te1_",
-        "lora_te2_",
-        "lora_unet_input_blocks_",
-        "lora_unet_middle_block_",
-        "lora_unet_output_blocks_",
-    ),
+    family.title: (
+        *(f"{prefix}_" for prefix in family.text_encoder_prefixes),
+        *(f"{UNET_PREFIX}_{root}_" for root in UNET_BLOCK_ROOTS[family.unet_names]),
+    )
+    for family in FAMILIES.values()
 }
 
 
@@ -226,7 +230,9 @@ def _check_shapes(names: Sequence[str], parsed: Sequence[Mapping[str, tuple[Tens
                 )
 
 
-def merge_into_backend(backend, sd: Mapping[str, Tensor], multiplier: float = 1.0) -> list[str]:
+def merge_into_backend(
+    backend: DiffusersBackend, sd: Mapping[str, Tensor], multiplier: float = 1.0
+) -> list[str]:
     """W ← W + multiplier·ΔW for every module of `sd`, in place; returns the merged names.
 
     Modules are found by kohya name among `backend.lora_targets(...)`. Every name
@@ -330,7 +336,8 @@ def merge_into_model_folder(
     The other parts (vae, tokenizers, scheduler, model_index.json) are copied.
     The folder is built beside `out_dir` and moved in only once complete.
     """
-    from ..model.diffusers_backend import ModelConfig, load_diffusers_backend
+    from ..model.diffusers_backend import load_diffusers_backend, text_encoder_suffixes
+    from ..model.model_config import ModelConfig
 
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     if not model_dir.is_dir():
@@ -347,7 +354,7 @@ def merge_into_model_folder(
     merged: list[str] = []
     for (sd, _), (_, weight) in zip(loaded, specs, strict=True):
         merged += merge_into_backend(backend, sd, weight)
-    te_folders = ("text_encoder", "text_encoder_2")[: len(backend.text_encoders)]
+    te_folders = [f"text_encoder{suffix}" for suffix in text_encoder_suffixes(backend.family_spec)]
     components = {"unet": backend.unet, **dict(zip(te_folders, backend.text_encoders, strict=True))}
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))

@@ -15,8 +15,7 @@ from typing import Any
 from ..data.buckets import BucketPlan
 from ..data.captions import tag_frequency
 from ..data.dataset import Dataset, ImageRecord
-
-MODELSPEC_IMPLEMENTATION = {"sd15": "diffusers", "sdxl": "https://github.com/Stability-AI/generative-models"}
+from ..families import ModelFamily, get_family
 
 
 def _s(value: Any) -> str:
@@ -80,9 +79,8 @@ def training_metadata(
     *,
     recipe,
     family: str,
-    base_model_version: str,
-    modelspec_architecture: str,
     prediction_type: str,
+    fp8_base: bool,
     dataset: Dataset,
     plan: BucketPlan,
     output_name: str,
@@ -92,8 +90,15 @@ def training_metadata(
     total_steps: int,
     started_at: float,
     finished_at: float,
+    model_hash: str | None = None,
 ) -> dict[str, str]:
-    """The metadata dict for a saved LoRA, kohya's keys first."""
+    """The metadata dict for a saved LoRA, kohya's keys first; `family` names its ModelFamily.
+
+    fp8_base: the base model's denoiser weights were float8 (`Backend.fp8_base`).
+    model_hash: `ss_new_sd_model_hash`, what identifies the base model's weights
+    (`Backend.base_model_fingerprint()`; kohya writes the checkpoint file's SHA-256 there).
+    """
+    spec = get_family(family)
     net, opt, noise, loss, train = recipe.network, recipe.optimizer, recipe.noise, recipe.loss, recipe.train
     bucket_cfg = plan.config
     network_args = {"conv_dim": net.conv_dim, "conv_alpha": net.conv_alpha} if net.conv_dim else {}
@@ -113,8 +118,8 @@ def training_metadata(
         "ss_training_finished_at": finished_at,
         "ss_output_name": output_name,
         "ss_sd_model_name": model_name,
-        "ss_base_model_version": base_model_version,
-        "ss_v2": family == "sd15" and prediction_type == "v_prediction",
+        "ss_base_model_version": spec.base_model_version,
+        "ss_v2": spec.v_prediction_is_v2 and prediction_type == "v_prediction",
         "ss_network_module": "networks.lora",
         "ss_network_dim": net.network_dim,
         "ss_network_alpha": net.network_alpha,
@@ -140,7 +145,7 @@ def training_metadata(
         "ss_gradient_accumulation_steps": train.gradient_accumulation_steps,
         "ss_gradient_checkpointing": train.gradient_checkpointing,
         "ss_mixed_precision": train.mixed_precision,
-        "ss_fp8_base": recipe.speed.fp8_base,  # changes results: the base weights were float8
+        "ss_fp8_base": fp8_base,  # changes results: the base weights were float8
         "ss_seed": train.seed,
         "ss_resolution": f"({bucket_cfg.resolution[0]}, {bucket_cfg.resolution[1]})",
         "ss_enable_bucket": bucket_cfg.enable_bucket,
@@ -167,9 +172,9 @@ def training_metadata(
         "ss_scale_v_pred_loss_like_noise_pred": loss.scale_v_pred_loss_like_noise_pred,
         "ss_ema": dataclasses.asdict(recipe.ema) if recipe.ema.enabled else None,
     }
-    meta.update(
-        _modelspec(family, modelspec_architecture, prediction_type, output_name, bucket_cfg, finished_at)
-    )
+    if model_hash is not None:
+        meta["ss_new_sd_model_hash"] = model_hash
+    meta.update(_modelspec(spec, prediction_type, output_name, bucket_cfg, finished_at))
     return {k: _s(v) for k, v in meta.items()}
 
 
@@ -178,12 +183,14 @@ def _optimizer_record(opt) -> str:
     return f"{opt.optimizer_type}({args})" if args else opt.optimizer_type
 
 
-def _modelspec(family, architecture, prediction_type, title, bucket_cfg, finished_at) -> dict[str, str]:
+def _modelspec(
+    family: ModelFamily, prediction_type: str, title: str, bucket_cfg, finished_at: float
+) -> dict[str, str]:
     width, height = bucket_cfg.resolution
     return {
         "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": architecture,
-        "modelspec.implementation": MODELSPEC_IMPLEMENTATION[family],
+        "modelspec.architecture": family.modelspec_architecture,
+        "modelspec.implementation": family.modelspec_implementation,
         "modelspec.title": title,
         "modelspec.resolution": f"{width}x{height}",
         "modelspec.prediction_type": "v" if prediction_type == "v_prediction" else "epsilon",
@@ -192,15 +199,22 @@ def _modelspec(family, architecture, prediction_type, title, bucket_cfg, finishe
 
 
 def run_metadata(
-    recipe, backend, dataset: Dataset, plan: BucketPlan, trained, output_name: str, model_name: str
+    recipe,
+    backend,
+    dataset: Dataset,
+    plan: BucketPlan,
+    trained,
+    output_name: str,
+    model_name: str,
+    model_hash: str | None = None,
 ) -> dict[str, str]:
-    """`training_metadata` of a run (`trained`, a TrainedLora) on `backend`."""
+    """`training_metadata` of a run (`trained`, a TrainedLora) on `backend`; `model_hash`: the
+    backend's `base_model_fingerprint()`, computed once per run by the caller."""
     return training_metadata(
         recipe=recipe,
         family=backend.family,
-        base_model_version=backend.base_model_version,
-        modelspec_architecture=backend.modelspec_architecture,
         prediction_type=backend.prediction_type,
+        fp8_base=backend.fp8_base,
         dataset=dataset,
         plan=plan,
         output_name=output_name,
@@ -210,4 +224,5 @@ def run_metadata(
         total_steps=trained.total_steps,
         started_at=trained.started_at,
         finished_at=trained.finished_at,
+        model_hash=model_hash,
     )

@@ -1,4 +1,5 @@
-"""Validation-sample prompts in kohya's format (train_util.line_to_prompt_dict).
+"""Validation-sample prompts in kohya's format (train_util.line_to_prompt_dict), and the
+[samples] section that names them (sampling.py draws the images).
 
 A line is a prompt followed by options split on " --": `--n` negative prompt,
 `--w`/`--h` size (floored to a multiple of 8, at least 64; default 512),
@@ -14,7 +15,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import ConfigError
+from ..errors import ConfigError, check_int
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -95,3 +96,22 @@ def load_prompts(path: Path) -> list[SamplePrompt]:
         return [SamplePrompt(**item) if isinstance(item, dict) else parse_prompt_line(item) for item in items]
     except TypeError as exc:
         raise ConfigError(f"{path}: bad sample prompt entry ({exc})") from exc
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    """[samples] section: when to render validation images (kohya sample_every_n_*)."""
+
+    prompts: tuple[str, ...] = ()  # kohya prompt lines ("a cat --n blurry --d 1 --s 20")
+    prompts_file: Path | None = None  # .txt/.toml/.json in kohya's format
+    sample_every_n_steps: int = 0  # 0 = only at the end (if prompts are given)
+    seed: int = 0  # for prompts without --d
+
+    def __post_init__(self):
+        check_int("samples.sample_every_n_steps", self.sample_every_n_steps, 0)
+        check_int("samples.seed", self.seed, 0)
+
+    def load(self) -> list[SamplePrompt]:
+        """The prompts, then those of prompts_file."""
+        prompts = [parse_prompt_line(p) for p in self.prompts]
+        return prompts + (load_prompts(self.prompts_file) if self.prompts_file else [])

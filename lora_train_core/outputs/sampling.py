@@ -1,18 +1,19 @@
 """Validation samples during training, with diffusers' own pipelines and schedulers.
 
-The pipeline is assembled from the backend's modules (no second copy of the
-model), so the LoRA layers applied to those modules are in the picture. The
-LoRA runs in eval mode (no dropout) and each prompt's seed makes an image
-reproducible.
+The pipeline is assembled from the backend's own modules (`Backend.pipeline_parts`, no
+second copy of the model), so the LoRA layers applied to those modules are in the
+picture. The LoRA runs in eval mode (no dropout) and each prompt's seed makes an image
+reproducible. A backend without pipeline parts (ComfyUI, which samples with its own
+sampler) cannot take `[samples]` prompts.
 """
 
 from __future__ import annotations
 
 import io
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
+import diffusers
 import torch
 from diffusers import (
     DDIMScheduler,
@@ -20,14 +21,14 @@ from diffusers import (
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
     PNDMScheduler,
-    StableDiffusionPipeline,
-    StableDiffusionXLPipeline,
 )
 from PIL import Image
 
 from ..atomic_io import atomic_write_bytes
-from ..errors import check_int
-from .sample_prompts import SamplePrompt
+from ..errors import ConfigError
+from ..model.backend import Backend, PipelineParts
+from ..model.diffusers_backend import text_encoder_suffixes
+from .sample_prompts import SampleConfig, SamplePrompt
 
 SCHEDULERS = {
     "euler": EulerDiscreteScheduler,
@@ -36,26 +37,15 @@ SCHEDULERS = {
     "dpmsolver++": DPMSolverMultistepScheduler,
     "pndm": PNDMScheduler,
 }
-
-
-@dataclass(frozen=True)
-class SampleConfig:
-    """[samples] section: when to render validation images (kohya sample_every_n_*)."""
-
-    prompts: tuple[str, ...] = ()  # kohya prompt lines ("a cat --n blurry --d 1 --s 20")
-    prompts_file: Path | None = None  # .txt/.toml/.json in kohya's format
-    sample_every_n_steps: int = 0  # 0 = only at the end (if prompts are given)
-    seed: int = 0  # for prompts without --d
-
-    def __post_init__(self):
-        check_int("samples.sample_every_n_steps", self.sample_every_n_steps, 0)
-        check_int("samples.seed", self.seed, 0)
-
-    def load(self) -> list[SamplePrompt]:
-        from .sample_prompts import load_prompts, parse_prompt_line
-
-        prompts = [parse_prompt_line(p) for p in self.prompts]
-        return prompts + (load_prompts(self.prompts_file) if self.prompts_file else [])
+# what each pipeline class needs beyond its models: no safety checker, no watermark
+PIPELINE_OPTIONS = {
+    "StableDiffusionPipeline": {
+        "safety_checker": None,
+        "feature_extractor": None,
+        "requires_safety_checker": False,
+    },
+    "StableDiffusionXLPipeline": {"add_watermarker": False},
+}
 
 
 def _scheduler(name: str, prediction_type: str):
@@ -69,47 +59,49 @@ def _scheduler(name: str, prediction_type: str):
     )
 
 
-def diffusers_pipeline(backend, sampler: str):
-    """A diffusers pipeline over the DiffusersBackend's own modules."""
-    scheduler = _scheduler(sampler, backend.prediction_type)
-    if backend.family == "sdxl":
-        return StableDiffusionXLPipeline(
-            vae=backend.vae,
-            text_encoder=backend.text_encoders[0],
-            text_encoder_2=backend.text_encoders[1],
-            tokenizer=backend.tokenizers[0],
-            tokenizer_2=backend.tokenizers[1],
-            unet=backend.unet,
-            scheduler=scheduler,
-            add_watermarker=False,
-        )
-    return StableDiffusionPipeline(
-        vae=backend.vae,
-        text_encoder=backend.text_encoders[0],
-        tokenizer=backend.tokenizers[0],
-        unet=backend.unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
+def diffusers_pipeline(parts: PipelineParts, sampler: str):
+    """The family's diffusers pipeline over the backend's own modules."""
+    models = {"unet": parts.unet, "vae": parts.vae}
+    for suffix, encoder, tokenizer in zip(
+        text_encoder_suffixes(parts.family), parts.text_encoders, parts.tokenizers, strict=True
+    ):
+        models[f"text_encoder{suffix}"], models[f"tokenizer{suffix}"] = encoder, tokenizer
+    pipeline_class = parts.family.diffusers_pipeline
+    return getattr(diffusers, pipeline_class)(
+        **models,
+        scheduler=_scheduler(sampler, parts.prediction_type),
+        **PIPELINE_OPTIONS[pipeline_class],
     )
+
+
+def sampling_parts(backend: Backend) -> PipelineParts:
+    """The backend's pipeline parts; ConfigError where it has none."""
+    parts = backend.pipeline_parts()
+    if parts is None:
+        raise ConfigError(
+            "samples: validation samples need a diffusers pipeline, which this backend cannot build; "
+            "leave [samples] prompts empty (in ComfyUI, sample the trained MODEL with KSampler)"
+        )
+    return parts
 
 
 @torch.no_grad()
 def generate_samples(
-    backend, network, prompts: Sequence[SamplePrompt], default_seed: int
+    backend: Backend, network, prompts: Sequence[SamplePrompt], default_seed: int
 ) -> list[Image.Image]:
     """One image per prompt with the LoRA applied (eval mode), deterministic per seed."""
+    parts = sampling_parts(backend)
     was_training = network.training
     network.eval()
     try:
         images = []
         for prompt in prompts:
-            pipe = diffusers_pipeline(backend, prompt.sampler)
+            pipe = diffusers_pipeline(parts, prompt.sampler)
             pipe.set_progress_bar_config(disable=True)
             seed = default_seed if prompt.seed is None else prompt.seed
-            generator = torch.Generator(backend.device).manual_seed(seed)
-            with _fp8_autocast(backend):
+            generator = torch.Generator(parts.device).manual_seed(seed)
+            # float8 UNet weights (speed.fp8_base) compute only where autocast casts them up
+            with torch.autocast(parts.device.type, dtype=parts.compute_dtype, enabled=parts.fp8_base):
                 latents = pipe(
                     prompt.prompt,
                     negative_prompt=prompt.negative_prompt or None,
@@ -120,24 +112,17 @@ def generate_samples(
                     generator=generator,
                     output_type="latent",
                 ).images
-            images.append(_decode(backend, pipe, latents))
+            images.append(_decode(parts.vae, pipe, latents))
         return images
     finally:
         network.train(was_training)
 
 
-def _decode(backend, pipe, latents: torch.Tensor) -> Image.Image:
+def _decode(vae, pipe, latents: torch.Tensor) -> Image.Image:
     """Latents → picture with the float32 VAE (the pipelines would feed it latents in the
     UNet's bf16/fp16, which SD1.5's pipeline does not cast back)."""
-    vae = backend.vae
     pixels = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
     return pipe.image_processor.postprocess(pixels, output_type="pil")[0]
-
-
-def _fp8_autocast(backend):
-    """float8 UNet weights (speed.fp8_base) compute only where autocast casts them up."""
-    fp8 = getattr(backend, "fp8_unet", False)
-    return torch.autocast(backend.device.type, dtype=backend.weight_dtype, enabled=fp8)
 
 
 def image_grid(images: Sequence[Image.Image], columns: int | None = None) -> Image.Image:
@@ -154,9 +139,11 @@ def image_grid(images: Sequence[Image.Image], columns: int | None = None) -> Ima
 class SampleWriter:
     """A step callback that renders samples at kohya's cadence and saves `sample/<name>_<step>_<i>.png`."""
 
-    def __init__(self, backend, cfg: SampleConfig, out_dir: Path, name: str):
+    def __init__(self, backend: Backend, cfg: SampleConfig, out_dir: Path, name: str):
         self.backend, self.cfg, self.name = backend, cfg, name
         self.prompts = cfg.load()
+        if self.prompts:
+            sampling_parts(backend)  # refuse prompts before training, not at the first sample
         self.out_dir = Path(out_dir) / "sample"
         self.written: list[Path] = []
 

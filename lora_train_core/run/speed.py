@@ -11,8 +11,8 @@ compile_blocks: `torch.compile` each repeated block of the denoiser (regional
     compilation: one compiled graph per block shape, compiled once).
 cudnn_benchmark: let cuDNN time its convolution algorithms for each new shape.
 fp8_base: store the frozen UNet's Linear and Conv2d weights as float8 (e4m3fn),
-    as kohya's `--fp8_base`; autocast casts them to the mixed-precision dtype where
-    used. This one changes results (the weights are rounded to 3 mantissa bits).
+    as kohya's `--fp8_base` (model/fp8.py); autocast casts them to the mixed-precision
+    dtype where used. This one changes results (the weights are rounded to 3 mantissa bits).
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ COMPILE_BLOCKS = {
     "transformer": ("BasicTransformerBlock",),
     "transformer+resnet": ("BasicTransformerBlock", "ResnetBlock2D"),
 }
-FP8_STORAGE = torch.float8_e4m3fn
 
 
 @dataclass(frozen=True)
@@ -57,11 +56,12 @@ def check_speed(recipe, device: torch.device, fp8_base: bool, world_size: int = 
     device: where the run trains; fp8_base: whether the model's weights are stored in float8.
     """
     speed, train, net = recipe.speed, recipe.train, recipe.network
-    if speed.fp8_base != fp8_base:
+    # A door may load float8 weights on the user's word elsewhere (ComfyUI's loader node): the
+    # metadata records backend.fp8_base. Asking for float8 from a model without it is refused.
+    if speed.fp8_base and not fp8_base:
         raise ConfigError(
-            f"speed.fp8_base = {str(speed.fp8_base).lower()}, but the model was loaded "
-            f"{'without' if speed.fp8_base else 'with'} float8 weights; the CLI loads it as the "
-            "setting says (ComfyUI: choose the weight dtype in the loader node instead)"
+            "speed.fp8_base = true, but the model was loaded without float8 weights; the CLI loads "
+            "it as the setting says (ComfyUI: choose the weight dtype in the loader node instead)"
         )
     if speed.fp8_base and train.mixed_precision == "no":
         raise ConfigError(
@@ -129,16 +129,3 @@ def cudnn_benchmark(enabled: bool) -> Iterator[None]:
         yield
     finally:
         torch.backends.cudnn.benchmark = before
-
-
-def store_in_fp8(module: nn.Module) -> nn.Module:
-    """The Linear and Conv2d weights of frozen `module` stored as float8 e4m3fn (a plain cast, as
-    kohya's --fp8_base); they are over 99% of a UNet's bytes. Norms and biases keep their dtype:
-    autocast casts linear/conv weights to the compute dtype where used on every device, but not
-    the weights of norms on the CPU."""
-    if any(p.requires_grad for p in module.parameters()):
-        raise ValueError("store_in_fp8: the module has trainable parameters; fp8 is for frozen weights")
-    for layer in module.modules():
-        if isinstance(layer, nn.Linear | nn.Conv2d):
-            layer.weight.data = layer.weight.data.to(FP8_STORAGE)
-    return module

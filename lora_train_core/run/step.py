@@ -21,7 +21,6 @@ from torch import Tensor
 
 from ..data.captions import process_caption
 from ..model.backend import TextConditioning
-from ..model.weighted_text import encode_weighted_captions
 from ..objective.loss import training_loss
 from ..objective.noise import add_noise, perturbed_noise, sample_noise, sample_timesteps, velocity_target
 from ..optim.ema import LoraEMA
@@ -114,9 +113,7 @@ def encode_captions(ctx: StepContext, captions: list[str], text_encoder_trains: 
     """The batch's text conditioning; differentiable while text-encoder LoRA trains."""
     grad = ctx.recipe.network.train_text_encoder and text_encoder_trains
     with contextlib.nullcontext() if grad else torch.no_grad(), autocast(ctx):
-        if ctx.recipe.captions.weighted_captions:
-            return encode_weighted_captions(ctx.backend, captions)
-        return ctx.backend.encode_text(captions)
+        return ctx.backend.encode_text(captions, weighted=ctx.recipe.captions.weighted_captions)
 
 
 def loss_weights(ctx: StepContext, indices) -> Tensor | None:

@@ -8,10 +8,16 @@ the CPU (the files are fp16, so both hold bit-identical weights); latents are 1Ã
 
 from __future__ import annotations
 
+import inspect
+import re
+
 import pytest
 import torch
 
-from lora_train_core.model.diffusers_backend import ModelConfig, load_diffusers_backend
+from lora_train_core.errors import ConfigError
+from lora_train_core.model.backend import Backend
+from lora_train_core.model.diffusers_backend import load_diffusers_backend
+from lora_train_core.model.model_config import ModelConfig
 from lora_train_core.objective.loss import LossConfig, training_loss
 from lora_train_core.objective.noise import add_noise
 
@@ -54,9 +60,69 @@ def latents_and_noise(batch=2):
 
 
 def test_comfy_backend_describes_the_model_as_diffusers_does(comfy_backend, diffusers_backend):
-    for attribute in ("family", "prediction_type", "latent_downscale", "base_model_version"):
+    for attribute in ("family", "family_spec", "prediction_type"):
         assert getattr(comfy_backend, attribute) == getattr(diffusers_backend, attribute), attribute
     assert (comfy_backend.family, comfy_backend.prediction_type) == ("sd15", "epsilon")
+
+
+def test_comfy_backend_implements_every_protocol_member(comfy_backend):
+    for name in Backend.__annotations__:
+        getattr(comfy_backend, name)  # raises AttributeError where a member is missing
+    for name, member in vars(Backend).items():
+        if inspect.isfunction(member) and not name.startswith("_"):
+            implemented = inspect.signature(getattr(type(comfy_backend), name)).parameters
+            assert list(implemented) == list(inspect.signature(member).parameters), name
+
+
+def test_comfy_backend_parks_nothing_builds_no_pipeline_and_refuses_weighted_captions(comfy_backend):
+    assert comfy_backend.parkable_modules(latents_cached=True, text_cached=True) == []
+    assert comfy_backend.pipeline_parts() is None
+    with pytest.raises(ConfigError, match=r"weighted_captions is not implemented yet in the ComfyUI door"):
+        comfy_backend.encode_text(CAPTIONS, weighted=True)
+
+
+def test_comfy_backend_identifies_its_weights(comfy_backend, comfy_model):
+    fingerprint = comfy_backend.base_model_fingerprint()
+    assert re.fullmatch(r"[0-9a-f]{64}", fingerprint)
+    assert fingerprint == comfy_backend.base_model_fingerprint()
+    assert comfy_backend.base_model_name == f"ComfyUI MODEL {fingerprint[:12]}"
+    for name in ("vae_fingerprint", "text_encoder_fingerprint"):
+        assert re.fullmatch(r"[0-9a-f]{64}", getattr(comfy_backend, name)), name
+    assert not comfy_backend.fp8_base  # loaded in float32
+
+
+def test_fp8_base_is_true_for_a_comfyui_model_stored_in_float8(comfy):
+    import comfy.model_patcher as model_patcher  # `as`: keep the `comfy` fixture's name
+    import comfy.supported_models as supported_models
+
+    backend_module = comfy.pack_module("nodes.comfy_backend")
+    unet_config = {  # a tiny SD1.5-shaped UNet: two levels, 32 channels
+        "image_size": 32,
+        "in_channels": 4,
+        "out_channels": 4,
+        "model_channels": 32,
+        "num_res_blocks": [1, 1],
+        "channel_mult": [1, 2],
+        "transformer_depth": [1, 0],
+        "transformer_depth_output": [1, 1, 0, 0],
+        "transformer_depth_middle": 1,
+        "use_spatial_transformer": True,
+        "legacy": False,
+        "context_dim": 32,
+        "use_linear_in_transformer": False,
+        "adm_in_channels": None,
+        "use_temporal_attention": False,
+        "use_temporal_resblock": False,
+    }
+    for dtype, expected in ((torch.float8_e4m3fn, True), (torch.float32, False)):
+        config = supported_models.SD15(dict(unet_config))
+        config.set_inference_dtype(dtype, torch.float32)
+        cpu = torch.device("cpu")
+        patcher = model_patcher.ModelPatcher(config.get_model({}), load_device=cpu, offload_device=cpu)
+        with torch.inference_mode(False):
+            backend = backend_module.ComfyBackend(patcher)
+        assert backend.fp8_base is expected, dtype
+        assert re.fullmatch(r"[0-9a-f]{64}", backend.base_model_fingerprint())
 
 
 def test_alphas_cumprod_match_the_ddpm_scaled_linear_schedule(comfy_backend, diffusers_backend):

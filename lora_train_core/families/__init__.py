@@ -1,0 +1,126 @@
+"""One table row per model family: every fact about a family that the core branches on.
+
+A family is one module here (`sd15.py`, `sdxl.py`) defining a `ModelFamily`; everything else asks
+`get_family(name)` for it instead of keeping its own copy or testing the name. Adding a family is a
+new module here plus its backend code (the diffusers and ComfyUI model objects behind
+`model/backend.py`). Facts that only one door needs and that name that door's objects (ComfyUI's
+`clip_l` / `clip_g` attributes) stay in that door, keyed by the family's name.
+
+This package imports nothing of the orchestrator (`run/`) or the doors.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from ..errors import check_choice
+from ..model.kohya_keys import TEXT_ENCODER_COMPONENTS, UNetLayout
+
+UNET_NAMES = ("diffusers", "sgm")
+TEXT_HIDDEN_STATES = ("last", "penultimate")
+
+
+@dataclass(frozen=True)
+class BlockLayout:
+    """kohya's UNet blocks for block-wise lr weights and dims (sd-scripts networks/lora.py
+    `get_block_index`, `get_block_lr_weight`, `get_block_dims_and_alphas`).
+
+    The lists a user gives run: `down` down weights, `mid` mid weights, `down` up weights; with
+    `outer`, the first and last block (time/label embedding and out, which kohya never wraps)
+    frame them at weight 1. block_dims / block_alphas take one value per block (`count`).
+    """
+
+    down: int  # entries of down_lr_weight, and of up_lr_weight
+    mid: int  # entries of mid_lr_weight
+    outer: bool  # blocks 0 and count-1 lie outside the down/mid/up lists
+    description: str  # what each block index is, for messages: "0 unused, 1-11 down, ..."
+
+    def __post_init__(self):
+        if self.down < 1 or self.mid < 1:
+            raise ValueError(f"BlockLayout: down {self.down} and mid {self.mid} must be at least 1")
+
+    @property
+    def count(self) -> int:
+        """Blocks in all: the length of kohya's block_dims for this family."""
+        return 2 * self.down + self.mid + 2 * self.outer
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    """What the core needs to know about a model family; one instance per module in families/.
+
+    name: the id users write (`model.family`) and code passes around, e.g. "sd15".
+    title: what messages call the family, e.g. "SD1.x/2.x".
+    text_encoder_prefixes: kohya's key prefix of each text encoder, in the backend's encoder order.
+    unet_names: where kohya's `lora_unet_*` names come from: "diffusers" module paths (SD1.x/2.x,
+        trained by kohya on a diffusers UNet) or "sgm", the original Stability paths (SDXL).
+    unet_layout: the published UNet's block structure (diffusers ↔ SGM naming).
+    blocks: kohya's block numbering for block-wise lr weights and dims.
+    base_model_version: kohya's `ss_base_model_version`.
+    modelspec_architecture / modelspec_implementation: SAI model spec `modelspec.architecture`
+        and `.implementation` of a LoRA for it (sd-scripts library/sai_model_spec.py).
+    v_prediction_is_v2: kohya's `ss_v2` is true for a v-prediction model of this family (SD2.x).
+    bucket_reso_step: bucket sides must be multiples of this so the UNet halves the latents evenly.
+    latent_channels, latent_downscale: the VAE's latent channels and pixels per latent pixel.
+    vae_scaling_factor: latents are the VAE's output times this.
+    text_hidden_state: the cross-attention context is each encoder's "last" hidden state (after
+        the final layer norm) or its "penultimate" one, concatenated across encoders.
+    pooled_text: the last encoder's pooled, projected output conditions the UNet too.
+    size_conditioning: the UNet takes SDXL's six size numbers (original size, crop, target size).
+    diffusers_pipeline: the diffusers pipeline class that samples from the family.
+    """
+
+    name: str
+    title: str
+    text_encoder_prefixes: tuple[str, ...]
+    unet_names: str
+    unet_layout: UNetLayout
+    blocks: BlockLayout
+    base_model_version: str
+    modelspec_architecture: str
+    modelspec_implementation: str
+    v_prediction_is_v2: bool
+    bucket_reso_step: int
+    latent_channels: int
+    latent_downscale: int
+    vae_scaling_factor: float
+    text_hidden_state: str
+    pooled_text: bool
+    size_conditioning: bool
+    diffusers_pipeline: str
+
+    def __post_init__(self):
+        if not re.fullmatch(r"[a-z][a-z0-9_]*", self.name):
+            raise ValueError(f"ModelFamily.name: {self.name!r} must be a lowercase identifier")
+        if not self.text_encoder_prefixes:
+            raise ValueError(f"ModelFamily {self.name}: text_encoder_prefixes is empty")
+        for prefix in self.text_encoder_prefixes:
+            check_choice(f"ModelFamily {self.name}: text_encoder_prefixes", prefix, TEXT_ENCODER_COMPONENTS)
+        check_choice(f"ModelFamily {self.name}: unet_names", self.unet_names, UNET_NAMES)
+        check_choice(
+            f"ModelFamily {self.name}: text_hidden_state", self.text_hidden_state, TEXT_HIDDEN_STATES
+        )
+        if not self.modelspec_architecture.endswith("/lora"):
+            raise ValueError(f"ModelFamily {self.name}: modelspec_architecture must end in '/lora'")
+        for field in ("bucket_reso_step", "latent_channels", "latent_downscale"):
+            if getattr(self, field) < 1:
+                raise ValueError(f"ModelFamily {self.name}: {field} must be at least 1")
+        if self.bucket_reso_step % self.latent_downscale:
+            raise ValueError(f"ModelFamily {self.name}: bucket_reso_step is not a multiple of the latent's")
+        if self.vae_scaling_factor <= 0:
+            raise ValueError(f"ModelFamily {self.name}: vae_scaling_factor must be positive")
+
+
+from . import sd15, sdxl  # noqa: E402  (the family modules build rows of the class above)
+
+FAMILIES: dict[str, ModelFamily] = {family.name: family for family in (sd15.FAMILY, sdxl.FAMILY)}
+
+
+def get_family(name: str, field: str = "model.family") -> ModelFamily:
+    """The family called `name`; ConfigError naming `field` and the known names otherwise."""
+    check_choice(field, name, FAMILIES)
+    return FAMILIES[name]
+
+
+__all__ = ["FAMILIES", "BlockLayout", "ModelFamily", "get_family"]
