@@ -76,18 +76,18 @@ def train_lora_in_comfy(
             "Train LoRA: training stages re-encode the images at each resolution; connect the VAE"
         )
     with torch.inference_mode(False), torch.enable_grad():
-        backend = ComfyBackend(model, clip, vae)
-        backend.prepare_for_training(text_encoder=recipe.network.train_text_encoder)
+        comfy_backend = ComfyBackend(model, clip, vae)  # release() is its own: the text cache may wrap it
+        comfy_backend.prepare_for_training(text_encoder=recipe.network.train_text_encoder)
         try:
             text_cache = CacheConfig(text_encoder_outputs="ram" if cache_text else "none")
-            backend = maybe_cache_text(backend, dataset, text_cache, recipe)
+            backend = maybe_cache_text(comfy_backend, dataset, text_cache, recipe)
             runs = _stage_runs(backend, latents, recipe, stages)
             writer = StateWriter(states_dir, save_path.stem, recipe.train.save_last_n_states)
             state = load_training_state(resume) if resume is not None else None
             session = _Session(backend, dataset, save_path, save_precision, writer)
             trained = session.train(runs, _Progress(node_id, also_on_step), state)
         finally:
-            backend.release()  # the shared CLIP modules get their own forward back
+            comfy_backend.release()  # the shared CLIP modules get their own forward back
     metadata = session.save(save_path, trained)
     # The in-graph result is exactly what LoraLoader gives for the saved file: same tensors, same loader.
     lora = comfy.utils.load_torch_file(str(save_path), safe_load=True)
