@@ -271,7 +271,6 @@ class LoRANetwork(nn.Module):
         _check_known_names("dims", dims, targets)
         _check_known_names("alphas", alphas, targets)
         self.modules_by_name: dict[str, LoRAModule] = {}
-        self.components: dict[str, str] = {}  # kohya name → "unet" / "te" / "te1" / "te2"
         for target in targets:
             if not (cfg.train_unet if target.component == "unet" else cfg.train_text_encoder):
                 continue
@@ -292,7 +291,6 @@ class LoRANetwork(nn.Module):
             # registered under the kohya name, so that parameter names are the file's keys
             self.add_module(target.name, module)
             self.modules_by_name[target.name] = module
-            self.components[target.name] = target.component
         if not self.modules_by_name:
             raise ConfigError("network: no module to train; check train_unet / train_text_encoder and dims")
 
