@@ -261,7 +261,7 @@ def epoch_batches(
     batch b of a bucket is its items [b*batch_size, (b+1)*batch_size), the last
     one possibly short.
     """
-    check_int("training.batch_size", batch_size, 1, hint="images per step, e.g. 1-8")
+    check_int("train.train_batch_size", batch_size, 1, hint="images per step, e.g. 1-8")
     rng = random.Random(seed + epoch)
     slots = [
         (bucket, b)

@@ -378,8 +378,8 @@ def _dim_and_alpha(
     else:
         dim, alpha = cfg.network_dim, cfg.network_alpha
     dim, alpha = dims.get(target.name, dim), alphas.get(target.name, alpha)
-    check_int(f"network.dims[{target.name!r}]", dim, 0, None, "0 leaves the module out")
-    check_range(f"network.alphas[{target.name!r}]", alpha, 0, None, "0 means alpha = dim")
+    check_int(f"LoRANetwork dims[{target.name!r}]", dim, 0, None, "0 leaves the module out")
+    check_range(f"LoRANetwork alphas[{target.name!r}]", alpha, 0, None, "0 means alpha = dim")
     return dim, alpha
 
 
@@ -387,6 +387,6 @@ def _check_known_names(field: str, overrides: Mapping[str, object], targets: Seq
     unknown = sorted(set(overrides) - {t.name for t in targets})
     if unknown:
         raise ConfigError(
-            f"network.{field}: {len(unknown)} name(s) match no LoRA target, e.g. {unknown[:3]}; "
+            f"LoRANetwork {field}: {len(unknown)} name(s) match no LoRA target, e.g. {unknown[:3]}; "
             "use kohya names such as lora_unet_..._proj_in"
         )
