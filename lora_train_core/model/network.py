@@ -33,9 +33,7 @@ _KEY_SUFFIXES = ("lora_down.weight", "lora_up.weight", "alpha")
 
 
 def _check_probability(field: str, value: float) -> None:
-    check_range(field, value, 0, 1, "0 disables it; 0.1 is typical")
-    if value == 1:
-        raise ConfigError(f"{field}: 1 is out of range; use 0..1 exclusive of 1 (0 disables it)")
+    check_range(field, value, 0, 1, "0 disables it; 0.1 is typical", hi_open=True)
 
 
 @dataclass(frozen=True)

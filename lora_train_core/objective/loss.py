@@ -52,14 +52,8 @@ class LossConfig:
     def __post_init__(self) -> None:
         check_choice("loss.loss_type", self.loss_type, LOSS_TYPES)
         check_choice("loss.huber_schedule", self.huber_schedule, HUBER_SCHEDULES)
-        check_range("loss.huber_c", self.huber_c, 0, 1, "0.1 is kohya's default; must be above 0")
-        if self.huber_c == 0:
-            raise ConfigError(
-                "loss.huber_c: 0 is out of range; use a value above 0 and up to 1 (0.1 is typical)"
-            )
-        check_range("loss.huber_scale", self.huber_scale, 0, None, "1 is kohya's default; must be above 0")
-        if self.huber_scale == 0:
-            raise ConfigError("loss.huber_scale: 0 is out of range; use a value above 0 (1 is typical)")
+        check_range("loss.huber_c", self.huber_c, 0, 1, "0.1 is kohya's default", lo_open=True)
+        check_range("loss.huber_scale", self.huber_scale, 0, None, "1 is kohya's default", lo_open=True)
         check_range(
             "loss.min_snr_gamma", self.min_snr_gamma, 0, None, "5 is the paper's value; 0 turns it off"
         )

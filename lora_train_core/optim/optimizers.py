@@ -140,7 +140,12 @@ def canonical_optimizer_name(name: str) -> str:
             f"optimizer.optimizer_type: {name!r} (a kohya optimiser) is not implemented yet; "
             f"use one of {supported} (Prodigy is the adaptive choice)"
         )
-    raise ConfigError(f"optimizer.optimizer_type: {name!r} is not supported; use one of {supported}")
+    raise ConfigError(
+        f"optimizer.optimizer_type: {name!r} is not supported; use one of {supported}",
+        field="optimizer.optimizer_type",
+        choices=OPTIMIZERS,
+        hint="matched case-insensitively",
+    )
 
 
 def parse_optimizer_args(args: Sequence[str]) -> dict[str, object]:

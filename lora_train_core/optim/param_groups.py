@@ -269,7 +269,10 @@ def _split_preset(field: str, text: str) -> tuple[str, float]:
     name, _, base = text.partition("+")
     if name not in PRESETS:
         raise ConfigError(
-            f"{field}: {text!r} is not a preset; use one of {', '.join(PRESETS)}, e.g. 'sine+.5'"
+            f"{field}: {text!r} is not a preset; use one of {', '.join(PRESETS)}, e.g. 'sine+.5'",
+            field=field,
+            choices=PRESETS,
+            hint="a preset may add '+base', e.g. 'sine+.5'",
         )
     try:
         return name, float(base) if base else 0.0
