@@ -38,23 +38,23 @@ def _check_probability(field: str, value: float) -> None:
 
 @dataclass(frozen=True)
 class NetworkConfig:
-    """kohya's `network_dim`, `network_alpha`, `conv_dim`, `conv_alpha`, the three dropouts, and the
-    block-wise `block_dims` / `block_alphas` / `conv_block_dims` / `conv_block_alphas` (one value per
-    UNet block: 25 for SD1.5, 23 for SDXL; checked against the family in `per_module_dims`)."""
+    """kohya's LoRA network options, with kohya's names and meanings (the block-wise lists are
+    kohya's network_args; their lengths are checked against the family in `per_module_dims`)."""
 
-    network_dim: int = 16  # rank of Linear and 1×1 conv modules
-    network_alpha: float = 1.0  # kohya's default; 0 means alpha = rank (scale 1)
-    conv_dim: int = 0  # rank of k×k (k > 1) conv modules; 0 = no conv LoRA
-    conv_alpha: float = 1.0
-    network_dropout: float = 0.0  # dropout on down(x)
-    rank_dropout: float = 0.0  # drop whole ranks per sample
-    module_dropout: float = 0.0  # skip the whole LoRA path of a module for a step
-    train_unet: bool = True
-    train_text_encoder: bool = True
+    network_dim: int = 16  # the LoRA rank of Linear and 1×1 conv modules
+    network_alpha: float = 1.0  # the update is scaled by alpha / rank; 0 means alpha = rank (scale 1)
+    conv_dim: int = 0  # the rank of k×k (k > 1) conv modules, as in the ResNets; 0 = no conv LoRA
+    conv_alpha: float = 1.0  # alpha of the conv LoRA; 0 means alpha = conv_dim
+    network_dropout: float = 0.0  # dropout on the output of each LoRA's down projection
+    rank_dropout: float = 0.0  # drop whole ranks, per sample
+    module_dropout: float = 0.0  # skip the whole LoRA path of a module, per step
+    train_unet: bool = True  # train LoRA on the UNet
+    train_text_encoder: bool = True  # train LoRA on the text encoder(s)
+    # one rank per UNet block (25 for SD1.5, 23 for SDXL), 0 leaves a block out; unset: network_dim
     block_dims: tuple[int, ...] | None = None
-    block_alphas: tuple[float, ...] | None = None
-    conv_block_dims: tuple[int, ...] | None = None
-    conv_block_alphas: tuple[float, ...] | None = None
+    block_alphas: tuple[float, ...] | None = None  # one alpha per UNet block; unset: network_alpha
+    conv_block_dims: tuple[int, ...] | None = None  # one conv rank per UNet block; unset: conv_dim
+    conv_block_alphas: tuple[float, ...] | None = None  # one conv alpha per UNet block; unset: conv_alpha
 
     @property
     def trains_conv(self) -> bool:

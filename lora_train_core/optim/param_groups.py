@@ -39,17 +39,14 @@ _COMPONENTS = {
 
 @dataclass(frozen=True)
 class BlockWeights:
-    """kohya's block-wise lr weights (network_args down_lr_weight, mid_lr_weight, up_lr_weight).
+    """kohya's block-wise lr weights (network_args down_lr_weight, mid_lr_weight, up_lr_weight)."""
 
-    down/up: one weight per block (shallow → deep for down, deep → shallow for up; a short
-    list is padded with 1.0), or a preset name optionally with "+base", e.g. "sine+.5".
-    Weights <= block_lr_zero_threshold become 0: those modules are not trained.
-    """
-
+    # an lr weight per down block, shallow → deep (a short list is padded with 1.0), or a preset
     down_lr_weight: tuple[float, ...] | str | None = None
-    mid_lr_weight: tuple[float, ...] | float | None = None
+    mid_lr_weight: tuple[float, ...] | float | None = None  # the lr weight of the mid block(s)
+    # an lr weight per up block, deep → shallow (a short list is padded with 1.0), or a preset
     up_lr_weight: tuple[float, ...] | str | None = None
-    block_lr_zero_threshold: float = 0.0
+    block_lr_zero_threshold: float = 0.0  # blocks weighted at or below this are not trained
 
     def __post_init__(self) -> None:
         if isinstance(self.mid_lr_weight, str):
