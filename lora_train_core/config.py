@@ -283,19 +283,3 @@ def _type_name(option) -> str:
         str: "a string",
         Path: "a path",
     }.get(option, getattr(option, "__name__", str(option)))
-
-
-def describe_keys() -> str:
-    """Every section and key with its default: the reference `train --list-keys` prints."""
-    lines = []
-    for section, cls in SECTIONS.items():
-        lines.append(f"[{section}]")
-        for f in dataclasses.fields(cls):
-            if f.default is not dataclasses.MISSING:
-                default = repr(f.default)
-            elif f.default_factory is not dataclasses.MISSING:
-                default = repr(f.default_factory())
-            else:
-                default = "(required)"
-            lines.append(f"  {f.name} = {default}")
-    return "\n".join(lines)
