@@ -110,3 +110,21 @@ def test_a_renamed_input_and_a_missing_widget_are_caught(comfy):
     assert any("(LoRATrainer_ConfigureNoise): 17 widget values saved" in p for p in problems), problems
     assert any("(LoRATrainer_TrainLora): no node of this id" in p for p in problems), problems
     assert any("widget 'resolution' cannot hold the saved value '512'" in p for p in problems), problems
+
+
+CONFIG_NODES = (
+    "LoRATrainer_ConfigureNoise",
+    "LoRATrainer_ConfigureOptimizer",
+    "LoRATrainer_ConfigureNetwork",
+)
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=[p.stem for p in WORKFLOWS])
+def test_the_config_nodes_of_a_shipped_workflow_build_their_configs(comfy, path):
+    import nodes
+
+    prompt = comfy.ui_workflow_to_api_prompt(json.loads(path.read_text(encoding="utf-8")))
+    built = [node for node in prompt.values() if node["class_type"] in CONFIG_NODES]
+    assert {node["class_type"] for node in built} == set(CONFIG_NODES)
+    for node in built:  # every saved widget reaches a config field, and the values pass its checks
+        nodes.NODE_CLASS_MAPPINGS[node["class_type"]].execute(**node["inputs"])
