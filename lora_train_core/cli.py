@@ -40,7 +40,9 @@ def _parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a LoRA from a TOML config")
     t.add_argument("config", type=Path, nargs="?", help="the run's TOML file")
     t.add_argument(
-        "--list-keys", action="store_true", help="print every config section and key with its default"
+        "--list-keys",
+        action="store_true",
+        help="print every config key with its meaning, allowed values and default, as TOML",
     )
     t.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     t.add_argument(
@@ -90,10 +92,12 @@ def _device(name: str | None):
 
 
 def _train(args) -> int:
-    from .config import describe_keys, load_run_config
+    from .config import load_run_config
 
     if args.list_keys:
-        print(describe_keys())
+        from .key_reference import describe_keys
+
+        print(describe_keys(), end="")
         return 0
     if args.config is None:
         raise LoraTrainError("train: give a config file, e.g. `python -m lora_train_core train run.toml`")

@@ -44,10 +44,10 @@ else:  # pragma: no cover
 class OutputConfig:
     """[output] section: where the LoRA goes."""
 
-    output_dir: Path = Path("output")
-    output_name: str = "lora"
-    save_precision: str = "fp16"
-    overwrite: bool = False
+    output_dir: Path = Path("output")  # the folder the LoRA is saved in
+    output_name: str = "lora"  # the file's name, without .safetensors
+    save_precision: str = "fp16"  # the dtype of the saved weights
+    overwrite: bool = False  # replace an existing file of that name; else the run refuses to start
     save_every_n_steps: int = 0  # also save `<name>-step<N>.safetensors` every N steps (0 = off)
     save_last_n_saves: int = 0  # keep only the newest N of those (0 = keep all)
     state_dir: Path | None = None  # training states; default <output_dir>/state
@@ -88,25 +88,28 @@ class RunConfig:
     stages: tuple[StageConfig, ...] = ()
 
 
-# section name -> (config class, where it lives in RunConfig)
+# section name -> its config class; each comment says what the section is for (`train --list-keys`)
 SECTIONS: dict[str, type] = {
-    "model": ModelConfig,
-    "dataset": DatasetConfig,
-    "buckets": BucketConfig,
-    "cache": CacheConfig,
-    "output": OutputConfig,
-    "train": TrainConfig,
-    "network": NetworkConfig,
-    "optimizer": OptimizerConfig,
-    "noise": NoiseConfig,
-    "loss": LossConfig,
-    "captions": CaptionConfig,
-    "ema": EMAConfig,
-    "blocks": BlockWeights,
-    "speed": SpeedConfig,
-    "samples": SampleConfig,
-    "stages": StageConfig,  # an array of tables: [[stages]]
-    "subset_captions": CaptionConfig,  # [subset_captions."10_cat"]: [captions] keys for one folder
+    "model": ModelConfig,  # the base model to train on
+    "dataset": DatasetConfig,  # the image folder, its captions and repeats, regularisation images
+    "buckets": BucketConfig,  # aspect-ratio buckets: the sizes images are trained at
+    "cache": CacheConfig,  # what is encoded once (latents, text-encoder outputs) and where it is kept
+    "output": OutputConfig,  # where the LoRA is saved, and intermediate saves
+    "train": TrainConfig,  # how long and in what batches to train, precision, seed, training states
+    "network": NetworkConfig,  # the LoRA: ranks, alphas, dropouts, what it is trained on
+    "optimizer": OptimizerConfig,  # the optimiser, learning rates and their schedule
+    "noise": NoiseConfig,  # the training noise and timesteps
+    "loss": LossConfig,  # the loss and its weighting per timestep
+    "captions": CaptionConfig,  # how captions are processed: shuffling, kept tags, dropout, weights
+    "ema": EMAConfig,  # an exponential moving average of the LoRA weights, saved as a second file
+    "blocks": BlockWeights,  # block-wise learning-rate weights of the UNet
+    "speed": SpeedConfig,  # options that make a step faster or leaner on a GPU
+    "samples": SampleConfig,  # validation images rendered during training
+    # progressive training, one [[stages]] table per stage of growing resolution; together they
+    # replace train.max_train_steps
+    "stages": StageConfig,
+    # any [captions] key, for the images of one N_name folder: [subset_captions."<folder name>"]
+    "subset_captions": CaptionConfig,
 }
 TABLE_ARRAYS = ("stages",)
 NESTED = ("stages", "subset_captions")
@@ -287,19 +290,3 @@ def _type_name(option) -> str:
         str: "a string",
         Path: "a path",
     }.get(option, getattr(option, "__name__", str(option)))
-
-
-def describe_keys() -> str:
-    """Every section and key with its default: the reference `train --list-keys` prints."""
-    lines = []
-    for section, cls in SECTIONS.items():
-        lines.append(f"[{section}]")
-        for f in dataclasses.fields(cls):
-            if f.default is not dataclasses.MISSING:
-                default = repr(f.default)
-            elif f.default_factory is not dataclasses.MISSING:
-                default = repr(f.default_factory())
-            else:
-                default = "(required)"
-            lines.append(f"  {f.name} = {default}")
-    return "\n".join(lines)

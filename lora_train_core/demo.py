@@ -19,7 +19,7 @@ from .families import get_family
 from .model.network import NetworkConfig
 from .model.tiny_models import tiny_backend
 from .optim.optimizers import OptimizerConfig
-from .run.orchestrator import run_training
+from .run.orchestrator import RunResult, run_training
 from .run.progress import ProgressBar
 from .run.train import TrainConfig, TrainingRecipe
 
@@ -65,15 +65,18 @@ def demo_config(family: str, out_dir: Path, steps: int) -> RunConfig:
         output=OutputConfig(output_dir=out_dir, output_name=f"demo_{family}_lora", overwrite=True),
         recipe=TrainingRecipe(
             train=TrainConfig(max_train_steps=steps, train_batch_size=4, seed=42),
-            network=NetworkConfig(network_dim=8, network_alpha=8.0),
-            optimizer=OptimizerConfig(optimizer_type="AdamW", learning_rate=1e-3),
+            # Conv LoRA too: the tiny SDXL's last up block has no attention (as SDXL's top level
+            # has none), so attention-only LoRA barely reaches the output and its loss stays flat.
+            network=NetworkConfig(network_dim=8, network_alpha=8.0, conv_dim=8, conv_alpha=8.0),
+            # High for LoRA, so that 30 steps show the loss falling (1e-3 left SDXL's flat).
+            optimizer=OptimizerConfig(optimizer_type="AdamW", learning_rate=3e-3),
         ),
     )
 
 
 def run_demo(
     family: str = "sd15", out_dir: Path = Path("demo_out"), steps: int = 30, recipe: str | None = None
-) -> Path:
+) -> RunResult:
     """Build the tiny model and dataset, train, save; print first/last loss and the file."""
     out_dir = Path(out_dir)
     make_synthetic_dataset(out_dir / "dataset")
@@ -93,4 +96,4 @@ def run_demo(
     print(f"first loss {losses[0]:.4f} (mean of first {k}: {first:.4f})")
     print(f"last loss  {losses[-1]:.4f} (mean of last {k}: {last:.4f})")
     print(f"saved {result.path}")
-    return result.path
+    return result

@@ -15,7 +15,27 @@ class LoraTrainError(Exception):
 
 
 class ConfigError(LoraTrainError, ValueError):
-    """A configuration value is out of range, of the wrong type, or unknown."""
+    """A configuration value is out of range, of the wrong type, or unknown.
+
+    The checks below also say, as data, which field they check and what it accepts (`choices`,
+    or `bounds` (lo, hi) with None for no bound and `open_ends` (lo, hi) True where the bound
+    itself is excluded, and a `hint`): `train --list-keys` shows each key's allowed values from
+    the very check that refuses the others.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        field: str | None = None,
+        choices: Sequence[object] | None = None,
+        bounds: tuple[float | None, float | None] | None = None,
+        open_ends: tuple[bool, bool] = (False, False),
+        hint: str = "",
+    ):
+        super().__init__(message)
+        self.field, self.choices, self.hint = field, choices, hint
+        self.bounds, self.open_ends = bounds, open_ends
 
 
 class DatasetError(LoraTrainError):
@@ -37,20 +57,28 @@ def check_range(
     lo: float | None = None,
     hi: float | None = None,
     hint: str = "",
+    *,
+    lo_open: bool = False,
+    hi_open: bool = False,
 ) -> None:
-    """Raise ConfigError unless lo <= value <= hi (either bound may be None)."""
+    """Raise ConfigError unless lo <= value <= hi (either bound may be None; `lo_open` / `hi_open`
+    exclude the bound itself)."""
+    rule = {"field": field, "bounds": (lo, hi), "open_ends": (lo_open, hi_open), "hint": hint}
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ConfigError(f"{field}: {value!r} is not a number{_hint(hint)}")
-    if (lo is not None and value < lo) or (hi is not None and value > hi):
-        lo_s = "-inf" if lo is None else f"{lo:g}"
-        hi_s = "inf" if hi is None else f"{hi:g}"
-        raise ConfigError(f"{field}: {value!r} is out of range; use {lo_s}..{hi_s}{_hint(hint)}")
+        raise ConfigError(f"{field}: {value!r} is not a number{_hint(hint)}", **rule)
+    below = lo is not None and (value < lo or (lo_open and value == lo))
+    above = hi is not None and (value > hi or (hi_open and value == hi))
+    if below or above:
+        use = format_bounds(lo, hi, lo_open, hi_open)
+        raise ConfigError(f"{field}: {value!r} is out of range; use {use}{_hint(hint)}", **rule)
 
 
 def check_int(field: str, value: int, lo: int | None = None, hi: int | None = None, hint: str = "") -> None:
     """Raise ConfigError unless value is an int (not bool) within [lo, hi]."""
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(f"{field}: {value!r} is not a whole number{_hint(hint)}")
+        raise ConfigError(
+            f"{field}: {value!r} is not a whole number{_hint(hint)}", field=field, bounds=(lo, hi), hint=hint
+        )
     check_range(field, value, lo, hi, hint)
 
 
@@ -59,7 +87,14 @@ def check_choice(field: str, value: object, choices: Iterable[object]) -> None:
     options = list(choices)
     if value not in options:
         listed = ", ".join(repr(c) for c in options)
-        raise ConfigError(f"{field}: {value!r} is not one of {listed}")
+        raise ConfigError(f"{field}: {value!r} is not one of {listed}", field=field, choices=tuple(options))
+
+
+def format_bounds(lo: float | None, hi: float | None, lo_open: bool = False, hi_open: bool = False) -> str:
+    """`lo..hi` as the range messages write it (no bound as -inf / inf), then the excluded ends."""
+    text = f"{'-inf' if lo is None else f'{lo:g}'}..{'inf' if hi is None else f'{hi:g}'}"
+    excluded = [f"{b:g}" for b, is_open in ((lo, lo_open), (hi, hi_open)) if is_open and b is not None]
+    return f"{text} exclusive of {' and '.join(excluded)}" if excluded else text
 
 
 def _hint(hint: str) -> str:

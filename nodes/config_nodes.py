@@ -23,9 +23,26 @@ from .values import CATEGORY, LoraNetwork, LoraNoise, LoraOptimizer, NoiseValue,
 SCHEDULERS = list(LR_SCHEDULERS)
 
 
-def _fields(cls, values: dict) -> dict:
-    names = {f.name for f in dataclasses.fields(cls)}
-    return {k: v for k, v in values.items() if k in names}
+def _fields(widgets: dict, *classes: type) -> tuple[dict, ...]:
+    """`widgets` split into one keyword dict per config class, by field name.
+
+    A widget that names no field of any class raises TypeError (a node bug): dropped, its
+    setting would be accepted and ignored. A node takes out the widgets it converts itself
+    before calling this.
+    """
+    parts: tuple[dict, ...] = tuple({} for _ in classes)
+    names = [{f.name for f in dataclasses.fields(cls)} for cls in classes]
+    unmatched = []
+    for name, value in widgets.items():
+        owners = [part for part, fields in zip(parts, names, strict=True) if name in fields]
+        if len(owners) != 1:
+            unmatched.append(name)
+            continue
+        owners[0][name] = value
+    if unmatched:
+        listed = " or ".join(cls.__name__ for cls in classes)
+        raise TypeError(f"widgets {unmatched} name no single field of {listed}; the node must handle them")
+    return parts
 
 
 def _f(name, default, lo, hi, step, tooltip, **extra):
@@ -126,11 +143,8 @@ class ConfigureNoise(io.ComfyNode):
 
     @classmethod
     def execute(cls, **widgets) -> io.NodeOutput:
-        return io.NodeOutput(
-            NoiseValue(
-                NoiseConfig(**_fields(NoiseConfig, widgets)), LossConfig(**_fields(LossConfig, widgets))
-            )
-        )
+        noise, loss = _fields(widgets, NoiseConfig, LossConfig)
+        return io.NodeOutput(NoiseValue(NoiseConfig(**noise), LossConfig(**loss)))
 
 
 class ConfigureOptimizer(io.ComfyNode):
@@ -253,9 +267,24 @@ class ConfigureOptimizer(io.ComfyNode):
 
     @classmethod
     def execute(cls, **w) -> io.NodeOutput:
+        # the block and EMA widgets are taken out here; every other one is an OptimizerConfig field
+        blocks = BlockWeights(
+            down_lr_weight=_block_weights(w.pop("down_lr_weight")),
+            mid_lr_weight=_block_weights(w.pop("mid_lr_weight")),
+            up_lr_weight=_block_weights(w.pop("up_lr_weight")),
+            block_lr_zero_threshold=w.pop("block_lr_zero_threshold"),
+        )
+        ema_decay = w.pop("ema_decay")
+        ema = EMAConfig(
+            enabled=ema_decay > 0,
+            decay=ema_decay or EMAConfig.decay,
+            update_every=w.pop("ema_update_every"),
+            device="cpu" if w.pop("ema_on_cpu") else "same",
+        )
+        (fields,) = _fields(w, OptimizerConfig)
         optimizer = OptimizerConfig(
             **{
-                **_fields(OptimizerConfig, w),
+                **fields,
                 "unet_lr": w["unet_lr"] or None,
                 "text_encoder_lr": (w["text_encoder_lr"],) if w["text_encoder_lr"] > 0 else None,
                 "optimizer_args": tuple(w["optimizer_args"].split()),
@@ -263,18 +292,6 @@ class ConfigureOptimizer(io.ComfyNode):
                 if w["lr_warmup_steps"] >= 1
                 else w["lr_warmup_steps"],
             }
-        )
-        blocks = BlockWeights(
-            down_lr_weight=_block_weights(w["down_lr_weight"]),
-            mid_lr_weight=_block_weights(w["mid_lr_weight"]),
-            up_lr_weight=_block_weights(w["up_lr_weight"]),
-            block_lr_zero_threshold=w["block_lr_zero_threshold"],
-        )
-        ema = EMAConfig(
-            enabled=w["ema_decay"] > 0,
-            decay=w["ema_decay"] or EMAConfig.decay,
-            update_every=w["ema_update_every"],
-            device="cpu" if w["ema_on_cpu"] else "same",
         )
         return io.NodeOutput(OptimizerValue(optimizer, ema, blocks if blocks.is_set else None))
 

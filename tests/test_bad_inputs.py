@@ -321,7 +321,14 @@ def _state_json(change: dict) -> Callable[[Path], None]:
     return edit
 
 
-def merge_of(*loras: tuple[str, dict[str, torch.Tensor] | bytes], into_model: bool = False):
+def merge_of(
+    *loras: tuple[str, dict[str, torch.Tensor] | bytes],
+    into_model: bool = False,
+    out: str | None = None,
+    extra: tuple[str, ...] = (),
+):
+    """The merge command on these files (written to the world's folder), `--out` there, then `extra`."""
+
     def run(world: World) -> tuple[str, str]:
         specs = []
         for name, content in loras:
@@ -331,9 +338,9 @@ def merge_of(*loras: tuple[str, dict[str, torch.Tensor] | bytes], into_model: bo
             elif content:
                 save_file(content, path)
             specs.append(f"{path}:0.5")
-        extra = ["--into-model", str(world.model)] if into_model else []
-        out = world.tmp / ("merged" if into_model else "merged.safetensors")
-        return _cli(["merge", *specs, "--out", str(out), *extra])
+        into = ["--into-model", str(world.model)] if into_model else []
+        target = world.tmp / (out or ("merged" if into_model else "merged.safetensors"))
+        return _cli(["merge", *specs, "--out", str(target), *into, *extra])
 
     return run
 
@@ -817,6 +824,26 @@ CASES = [
         "weight 'abc' is not a number",
     ),
     Case("merge_missing_file", merge_of(("absent.safetensors", {})), "absent.safetensors' does not exist"),
+    Case(
+        "merge_out_exists",
+        merge_of(("a.safetensors", _kohya_lora("lora_te")), out="a.safetensors"),  # an existing file
+        "already exists; choose another --out or pass --overwrite",
+    ),
+    Case(
+        "merge_svd_without_rank",
+        merge_of(("a.safetensors", _kohya_lora("lora_te")), extra=("--mode", "svd")),
+        "merge --mode svd needs --rank N",
+    ),
+    Case(
+        "merge_rank_without_svd",
+        merge_of(("a.safetensors", _kohya_lora("lora_te")), extra=("--rank", "4")),
+        "merge --rank: 4 applies only to --mode svd",
+    ),
+    Case(
+        "merge_unknown_save_precision",
+        merge_of(("a.safetensors", _kohya_lora("lora_te")), extra=("--save-precision", "fp8")),
+        "merge --save-precision: 'fp8' is not one of",
+    ),
     Case(
         "merge_corrupt_file",
         merge_of(("junk.safetensors", b"\x00" * 64)),

@@ -181,9 +181,11 @@ def test_the_same_module_with_different_shapes_is_refused_naming_it():
 def test_non_kohya_keys_and_misused_rank_are_refused():
     with pytest.raises(ConfigError, match="not kohya LoRA keys"):
         merge_loras([({"unet.x.lora_A.weight": torch.zeros(2, 3)}, 1.0)])
-    with pytest.raises(ConfigError, match=r"merge\.rank"):
+    with pytest.raises(ConfigError, match=r"--mode svd needs --rank"):
         merge_loras([(_lora_a(), 1.0)], mode="svd")
-    with pytest.raises(ConfigError, match="applies only to mode 'svd'"):
+    with pytest.raises(ConfigError, match=r"--rank: 0 is out of range"):
+        merge_loras([(_lora_a(), 1.0)], mode="svd", rank=0)
+    with pytest.raises(ConfigError, match="--rank: 4 applies only to --mode svd"):
         merge_loras([(_lora_a(), 1.0)], rank=4)
 
 
@@ -217,8 +219,8 @@ def test_cli_merge_writes_a_loadable_exact_merge_with_its_sources(tmp_path, caps
         {"file": "b.safetensors", "weight": 0.3},
     ]
     assert meta["ss_base_model_version"] == "sd_v1"
-    assert main(argv) == 2  # no silent overwrite
-    assert "already exists" in capsys.readouterr().err
+    assert main(argv) == 2  # no silent overwrite; the message names the flags, not TOML keys
+    assert "already exists; choose another --out or pass --overwrite" in capsys.readouterr().err
     svd = ["merge", f"{a}:0.7", f"{b}:0.3", "--out", str(out), "--mode", "svd", "--rank", "2", "--overwrite"]
     assert main(svd) == 0
     assert "retained energy over 3 modules" in capsys.readouterr().out

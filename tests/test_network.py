@@ -267,12 +267,6 @@ def test_network_gives_kxk_convs_conv_dim_and_others_network_dim():
         "lora_unet_c": 0.5,
         "lora_unet_d": 1.0,
     }
-    assert net.components == {
-        "lora_te_a": "te",
-        "lora_unet_b": "unet",
-        "lora_unet_c": "unet",
-        "lora_unet_d": "unet",
-    }
 
 
 def test_network_leaves_out_dim_zero_and_untrained_components():

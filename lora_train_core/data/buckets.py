@@ -31,20 +31,17 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class BucketConfig:
-    """[buckets] section, with kohya's option names and defaults.
+    """[buckets] section, with kohya's option names and defaults."""
 
-    enable_bucket=False is kohya's fixed-size mode: every image is resized to
-    cover `resolution` and center- (or randomly) cropped to it. With
-    bucket_no_upscale, buckets follow the image sizes, so min/max_bucket_reso
-    do not apply and must stay at their defaults.
-    """
-
-    resolution: tuple[int, int] = (512, 512)  # (width, height); its area bounds every bucket
-    min_bucket_reso: int = 256
-    max_bucket_reso: int = 1024
-    bucket_reso_steps: int = 64
+    resolution: tuple[int, int] = (512, 512)  # [width, height] of the training area; it bounds every bucket
+    min_bucket_reso: int = 256  # the shortest bucket side, in pixels
+    max_bucket_reso: int = 1024  # the longest bucket side, in pixels
+    bucket_reso_steps: int = 64  # bucket sides are multiples of this (the VAE needs multiples of 8)
+    # buckets follow the image sizes and never upscale (min/max_bucket_reso must then stay at their defaults)
     bucket_no_upscale: bool = False
-    random_crop: bool = False
+    random_crop: bool = False  # crop at a random place instead of the centre (needs cache.mode = "none")
+    # aspect-ratio buckets; false is kohya's fixed-size mode: every image is resized to cover `resolution`
+    # and cropped to it
     enable_bucket: bool = True
 
     def __post_init__(self):
@@ -258,7 +255,7 @@ def epoch_batches(
     batch b of a bucket is its items [b*batch_size, (b+1)*batch_size), the last
     one possibly short.
     """
-    check_int("training.batch_size", batch_size, 1, hint="images per step, e.g. 1-8")
+    check_int("train.train_batch_size", batch_size, 1, hint="images per step, e.g. 1-8")
     rng = random.Random(seed + epoch)
     slots = [
         (bucket, b)

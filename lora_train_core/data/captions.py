@@ -35,17 +35,20 @@ _SECTION = "captions"
 class CaptionConfig:
     """Caption options of one dataset subset, named and meant as kohya's subset options."""
 
-    caption_separator: str = ","
-    shuffle_caption: bool = False
-    keep_tokens: int = 0
-    keep_tokens_separator: str = ""
+    caption_separator: str = ","  # the separator between a caption's tags
+    shuffle_caption: bool = False  # shuffle the tags each time a caption is used
+    keep_tokens: int = 0  # the first N tags stay in place and are never dropped
+    keep_tokens_separator: str = ""  # a marker in captions: the tags before it stay in place (e.g. "|||")
+    # joins words into one tag for shuffle and dropout, then becomes caption_separator (e.g. ";;;")
     secondary_separator: str = ""
-    enable_wildcard: bool = False
-    caption_prefix: str = ""
-    caption_suffix: str = ""
-    caption_dropout_rate: float = 0.0
-    caption_dropout_every_n_epochs: int = 0
-    caption_tag_dropout_rate: float = 0.0
+    enable_wildcard: bool = False  # `{a|b}` picks one at random, and a multi-line caption a random line
+    caption_prefix: str = ""  # text put before every caption
+    caption_suffix: str = ""  # text put after every caption
+    caption_dropout_rate: float = 0.0  # the probability of training an image with an empty caption
+    caption_dropout_every_n_epochs: int = 0  # every caption is empty on epochs divisible by N
+    caption_tag_dropout_rate: float = 0.0  # the probability of dropping each tag that is not kept
+    # `(tag:1.2)` weights scale the text-encoder outputs of their tokens (kohya --weighted_captions);
+    # for the whole run only, not per subset
     weighted_captions: bool = False
 
     def __post_init__(self) -> None:

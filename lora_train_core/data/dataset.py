@@ -42,9 +42,9 @@ _UTF8_BOM = b"\xef\xbb\xbf"
 class DatasetConfig:
     """[dataset] section: the image folder and how captions and repeats are found."""
 
-    path: Path  # the image folder
-    caption_extension: str = ".txt"  # kohya's default is ".caption"
-    default_repeats: int = 1  # for images directly in `path` (and in `reg_path`)
+    path: Path  # the image folder: images with same-stem caption files; N_name subfolders repeat N times
+    caption_extension: str = ".txt"  # extension of each image's caption file (kohya's default is ".caption")
+    default_repeats: int = 1  # repeats per epoch of the images directly in `path` (and in `reg_path`)
     reg_path: Path | None = None  # regularisation (class) images, same N_name layout (kohya reg_data_dir)
     prior_loss_weight: float = 1.0  # loss weight of regularisation images (kohya prior_loss_weight)
 

@@ -31,15 +31,13 @@ CACHE_FORMAT = "lora_train_core.latents.v1"
 
 @dataclass(frozen=True)
 class CacheConfig:
-    """[cache] section. mode: "ram" or "disk" (encode once), or "none" (encode every step).
+    """[cache] section: what is encoded once, and where it is kept."""
 
-    text_encoder_outputs: the same choice for text-encoder outputs (text_cache.py); only
-    possible while the text encoder is frozen and captions do not change per step.
-    """
-
-    mode: str = "ram"
-    cache_dir: Path | None = None  # disk mode; default: <dataset>/.latent_cache
-    text_encoder_outputs: str = "none"  # none, ram, disk (kohya cache_text_encoder_outputs[_to_disk])
+    mode: str = "ram"  # latents: encoded once and kept in RAM or on disk, or "none": encoded every step
+    cache_dir: Path | None = None  # the disk cache's folder; unset: <dataset>/.latent_cache
+    # text-encoder outputs, the same choice (kohya cache_text_encoder_outputs[_to_disk]); only while the
+    # text encoder is frozen and captions do not change per step
+    text_encoder_outputs: str = "none"
 
     def __post_init__(self):
         check_choice("cache.mode", self.mode, ("ram", "disk", "none"))

@@ -33,10 +33,13 @@ def balance_regularization(train_count: int, reg_items: Sequence[tuple[T, int]])
     copies together, in registration order. [] when there are no reg items or no
     training images.
     """
-    check_int("regularization.train_count", train_count, 0, hint="training images with repeats")
+    check_int("balance_regularization(train_count)", train_count, 0, hint="training images with repeats")
     for index, (_, repeats) in enumerate(reg_items):
         check_int(
-            f"regularization.reg_items[{index}].repeats", repeats, 1, hint="folder repeats, the N of N_name"
+            f"balance_regularization(reg_items[{index}].repeats)",
+            repeats,
+            1,
+            hint="folder repeats, the N of N_name",
         )
     counts: list[int] = []
     total = 0

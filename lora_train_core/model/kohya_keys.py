@@ -146,7 +146,7 @@ def text_encoder_targets(text_encoder: nn.Module, prefix: str) -> list[LoraTarge
     out_proj, mlp_fc1, mlp_fc2) whatever the root: transformers' CLIPTextModel or
     CLIPTextModelWithProjection, or ComfyUI's CLIP model.
     """
-    check_choice("text_encoder_targets.prefix", prefix, TEXT_ENCODER_COMPONENTS)
+    check_choice("text_encoder_targets(prefix)", prefix, TEXT_ENCODER_COMPONENTS)
     component = TEXT_ENCODER_COMPONENTS[prefix]
     return _container_targets(text_encoder, TEXT_ENCODER_CONTAINERS, prefix, component, _kohya_text_path)
 

@@ -33,30 +33,28 @@ _KEY_SUFFIXES = ("lora_down.weight", "lora_up.weight", "alpha")
 
 
 def _check_probability(field: str, value: float) -> None:
-    check_range(field, value, 0, 1, "0 disables it; 0.1 is typical")
-    if value == 1:
-        raise ConfigError(f"{field}: 1 is out of range; use 0..1 exclusive of 1 (0 disables it)")
+    check_range(field, value, 0, 1, "0 disables it; 0.1 is typical", hi_open=True)
 
 
 @dataclass(frozen=True)
 class NetworkConfig:
-    """kohya's `network_dim`, `network_alpha`, `conv_dim`, `conv_alpha`, the three dropouts, and the
-    block-wise `block_dims` / `block_alphas` / `conv_block_dims` / `conv_block_alphas` (one value per
-    UNet block: 25 for SD1.5, 23 for SDXL; checked against the family in `per_module_dims`)."""
+    """kohya's LoRA network options, with kohya's names and meanings (the block-wise lists are
+    kohya's network_args; their lengths are checked against the family in `per_module_dims`)."""
 
-    network_dim: int = 16  # rank of Linear and 1×1 conv modules
-    network_alpha: float = 1.0  # kohya's default; 0 means alpha = rank (scale 1)
-    conv_dim: int = 0  # rank of k×k (k > 1) conv modules; 0 = no conv LoRA
-    conv_alpha: float = 1.0
-    network_dropout: float = 0.0  # dropout on down(x)
-    rank_dropout: float = 0.0  # drop whole ranks per sample
-    module_dropout: float = 0.0  # skip the whole LoRA path of a module for a step
-    train_unet: bool = True
-    train_text_encoder: bool = True
+    network_dim: int = 16  # the LoRA rank of Linear and 1×1 conv modules
+    network_alpha: float = 1.0  # the update is scaled by alpha / rank; 0 means alpha = rank (scale 1)
+    conv_dim: int = 0  # the rank of k×k (k > 1) conv modules, as in the ResNets; 0 = no conv LoRA
+    conv_alpha: float = 1.0  # alpha of the conv LoRA; 0 means alpha = conv_dim
+    network_dropout: float = 0.0  # dropout on the output of each LoRA's down projection
+    rank_dropout: float = 0.0  # drop whole ranks, per sample
+    module_dropout: float = 0.0  # skip the whole LoRA path of a module, per step
+    train_unet: bool = True  # train LoRA on the UNet
+    train_text_encoder: bool = True  # train LoRA on the text encoder(s)
+    # one rank per UNet block (25 for SD1.5, 23 for SDXL), 0 leaves a block out; unset: network_dim
     block_dims: tuple[int, ...] | None = None
-    block_alphas: tuple[float, ...] | None = None
-    conv_block_dims: tuple[int, ...] | None = None
-    conv_block_alphas: tuple[float, ...] | None = None
+    block_alphas: tuple[float, ...] | None = None  # one alpha per UNet block; unset: network_alpha
+    conv_block_dims: tuple[int, ...] | None = None  # one conv rank per UNet block; unset: conv_dim
+    conv_block_alphas: tuple[float, ...] | None = None  # one conv alpha per UNet block; unset: conv_alpha
 
     @property
     def trains_conv(self) -> bool:
@@ -271,7 +269,6 @@ class LoRANetwork(nn.Module):
         _check_known_names("dims", dims, targets)
         _check_known_names("alphas", alphas, targets)
         self.modules_by_name: dict[str, LoRAModule] = {}
-        self.components: dict[str, str] = {}  # kohya name → "unet" / "te" / "te1" / "te2"
         for target in targets:
             if not (cfg.train_unet if target.component == "unet" else cfg.train_text_encoder):
                 continue
@@ -292,7 +289,6 @@ class LoRANetwork(nn.Module):
             # registered under the kohya name, so that parameter names are the file's keys
             self.add_module(target.name, module)
             self.modules_by_name[target.name] = module
-            self.components[target.name] = target.component
         if not self.modules_by_name:
             raise ConfigError("network: no module to train; check train_unet / train_text_encoder and dims")
 
@@ -380,8 +376,8 @@ def _dim_and_alpha(
     else:
         dim, alpha = cfg.network_dim, cfg.network_alpha
     dim, alpha = dims.get(target.name, dim), alphas.get(target.name, alpha)
-    check_int(f"network.dims[{target.name!r}]", dim, 0, None, "0 leaves the module out")
-    check_range(f"network.alphas[{target.name!r}]", alpha, 0, None, "0 means alpha = dim")
+    check_int(f"LoRANetwork dims[{target.name!r}]", dim, 0, None, "0 leaves the module out")
+    check_range(f"LoRANetwork alphas[{target.name!r}]", alpha, 0, None, "0 means alpha = dim")
     return dim, alpha
 
 
@@ -389,6 +385,6 @@ def _check_known_names(field: str, overrides: Mapping[str, object], targets: Seq
     unknown = sorted(set(overrides) - {t.name for t in targets})
     if unknown:
         raise ConfigError(
-            f"network.{field}: {len(unknown)} name(s) match no LoRA target, e.g. {unknown[:3]}; "
+            f"LoRANetwork {field}: {len(unknown)} name(s) match no LoRA target, e.g. {unknown[:3]}; "
             "use kohya names such as lora_unet_..._proj_in"
         )

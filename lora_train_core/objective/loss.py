@@ -29,37 +29,24 @@ SNR_CAP = 1000.0  # kohya caps SNR here for scale_v / v_pred_like / debiased: SN
 
 @dataclass(frozen=True)
 class LossConfig:
-    """Loss options; names and meanings are kohya's (0 / False = off).
+    """Loss options; names and meanings are kohya's (0 / False = off)."""
 
-    loss_type: per-element loss, `--loss_type`. huber_schedule, huber_c, huber_scale: the
-        per-sample c of huber / smooth_l1 (unused by l2 and l1).
-    min_snr_gamma: γ of Min-SNR weighting (arXiv 2303.09556; 5 in the paper).
-    scale_v_pred_loss_like_noise_pred (v-prediction only), v_pred_like_loss (epsilon only),
-    debiased_estimation_loss: kohya's SNR-based loss scalings.
-    zero_terminal_snr: rescale the schedule to ā_T = 0 (arXiv 2305.08891); v-prediction only.
-    """
-
-    loss_type: str = "l2"
-    huber_schedule: str = "snr"
-    huber_c: float = 0.1
-    huber_scale: float = 1.0
-    min_snr_gamma: float = 0.0
+    loss_type: str = "l2"  # the per-element loss (kohya --loss_type)
+    huber_schedule: str = "snr"  # how huber / smooth_l1's c varies with the timestep (see `huber_c()`)
+    huber_c: float = 0.1  # the c of huber / smooth_l1 (unused by l2 and l1)
+    huber_scale: float = 1.0  # scales c in the constant and exponential schedules
+    min_snr_gamma: float = 0.0  # γ of Min-SNR weighting (arXiv 2303.09556; 5 in the paper)
+    # v-prediction only: scale the loss as an epsilon model's is (kohya's SNR-based scaling)
     scale_v_pred_loss_like_noise_pred: bool = False
-    v_pred_like_loss: float = 0.0
-    debiased_estimation_loss: bool = False
-    zero_terminal_snr: bool = False
+    v_pred_like_loss: float = 0.0  # epsilon only: add a v-prediction-like loss with this weight
+    debiased_estimation_loss: bool = False  # weight the loss by 1/√SNR (kohya's debiased estimation)
+    zero_terminal_snr: bool = False  # rescale the schedule to ā_T = 0 (arXiv 2305.08891); v-prediction only
 
     def __post_init__(self) -> None:
         check_choice("loss.loss_type", self.loss_type, LOSS_TYPES)
         check_choice("loss.huber_schedule", self.huber_schedule, HUBER_SCHEDULES)
-        check_range("loss.huber_c", self.huber_c, 0, 1, "0.1 is kohya's default; must be above 0")
-        if self.huber_c == 0:
-            raise ConfigError(
-                "loss.huber_c: 0 is out of range; use a value above 0 and up to 1 (0.1 is typical)"
-            )
-        check_range("loss.huber_scale", self.huber_scale, 0, None, "1 is kohya's default; must be above 0")
-        if self.huber_scale == 0:
-            raise ConfigError("loss.huber_scale: 0 is out of range; use a value above 0 (1 is typical)")
+        check_range("loss.huber_c", self.huber_c, 0, 1, "0.1 is kohya's default", lo_open=True)
+        check_range("loss.huber_scale", self.huber_scale, 0, None, "1 is kohya's default", lo_open=True)
         check_range(
             "loss.min_snr_gamma", self.min_snr_gamma, 0, None, "5 is the paper's value; 0 turns it off"
         )

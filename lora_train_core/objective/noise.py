@@ -36,28 +36,20 @@ NUM_TRAIN_TIMESTEPS = 1000  # DDPM T for SD1.5 and SDXL
 class NoiseConfig:
     """Noise and timestep options; names and meanings are kohya's (0 = off).
 
-    noise_offset: o in ε ← ε + o·z, z ~ N(0, 1) per (sample, channel) (`--noise_offset`).
-    noise_offset_random_strength: o ← U(0,1)·o, one draw per batch.
-    adaptive_noise_scale: a in o_bc ← max(0, o + a·|mean_hw x0_bc|); may be negative,
-        needs noise_offset > 0 (kohya raises the same error).
-    multires_noise_iterations / multires_noise_discount: pyramid noise levels and the
-        weight d^i of level i.
-    ip_noise_gamma: γ of input perturbation (arXiv 2301.11706); ip_noise_gamma_random_strength:
-        γ ← U(0,1)·γ, one draw per batch.
-    min_timestep, max_timestep: t ~ U{min, …, max − 1}; min == max fixes t = min.
-
     Sub-options (the two random strengths, the discount) only act with their parent option.
     """
 
-    noise_offset: float = 0.0
-    noise_offset_random_strength: bool = False
+    noise_offset: float = 0.0  # offset noise o: ε ← ε + o·z, z ~ N(0, 1) per sample and channel
+    noise_offset_random_strength: bool = False  # o ← U(0,1)·o, one draw per batch
+    # a in o_bc ← max(0, o + a·|mean_hw x0_bc|), the offset grows with the latent's channel mean;
+    # may be negative, needs noise_offset > 0 (kohya raises the same error)
     adaptive_noise_scale: float = 0.0
-    multires_noise_iterations: int = 0
-    multires_noise_discount: float = 0.3
-    ip_noise_gamma: float = 0.0
-    ip_noise_gamma_random_strength: bool = False
-    min_timestep: int = 0
-    max_timestep: int = NUM_TRAIN_TIMESTEPS
+    multires_noise_iterations: int = 0  # levels of pyramid (multi-resolution) noise
+    multires_noise_discount: float = 0.3  # pyramid level i is weighted d^i
+    ip_noise_gamma: float = 0.0  # γ of input perturbation noise (arXiv 2301.11706)
+    ip_noise_gamma_random_strength: bool = False  # γ ← U(0,1)·γ, one draw per batch
+    min_timestep: int = 0  # timesteps t ~ U{min_timestep, …, max_timestep − 1}
+    max_timestep: int = NUM_TRAIN_TIMESTEPS  # exclusive upper end of t; min == max fixes t = min
 
     def __post_init__(self) -> None:
         check_range("noise.noise_offset", self.noise_offset, 0, 1, "0.05-0.1 is typical; 0 turns it off")

@@ -21,17 +21,17 @@ from ..errors import ConfigError, check_choice, check_int, check_range
 
 @dataclass(frozen=True)
 class EMAConfig:
-    """EMA of LoRA weights. decay is the largest decay reached; step counts optimiser steps from 1."""
+    """EMA of LoRA weights (the decay as in the module docstring); steps count optimiser steps from 1."""
 
-    enabled: bool = False
-    decay: float = 0.9999
-    min_decay: float = 0.0
-    update_after_step: int = 0
-    use_ema_warmup: bool = True
-    inv_gamma: float = 1.0
-    power: float = 2 / 3
-    update_every: int = 1
-    device: str = "same"
+    enabled: bool = False  # keep an EMA of the LoRA weights, saved beside the LoRA as <name>_ema
+    decay: float = 0.9999  # the largest decay the EMA reaches
+    min_decay: float = 0.0  # the smallest decay after the first update
+    update_after_step: int = 0  # optimiser steps before the EMA starts to follow the weights
+    use_ema_warmup: bool = True  # decay 1 − (1 + k/inv_gamma)^−power; false: (1 + k)/(10 + k)
+    inv_gamma: float = 1.0  # the warm-up's inv_gamma
+    power: float = 2 / 3  # the warm-up's power
+    update_every: int = 1  # update the EMA every N optimiser steps
+    device: str = "same"  # where the EMA weights are kept: with the LoRA's, or in CPU memory
 
     def __post_init__(self) -> None:
         check_range("ema.decay", self.decay, 0, 1, "0.999-0.9999 is typical")

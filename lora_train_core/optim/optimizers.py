@@ -38,26 +38,24 @@ _RESERVED_ARGS = {"self", "params", "lr"}
 
 @dataclass(frozen=True)
 class OptimizerConfig:
-    """kohya's optimiser, learning-rate and schedule options (same names, same meanings).
+    """kohya's optimiser, learning-rate and schedule options (same names, same meanings)."""
 
-    text_encoder_lr: one value for every text encoder, or one per encoder (SDXL: te1, te2).
-    lr_warmup_steps: whole steps, or a float < 1 as a fraction of the total steps.
-    stop_text_encoder_training: text-encoder LoRA trains while step < N (0 = always);
-    kohya has it in train_db.py only.
-    """
-
-    optimizer_type: str = "AdamW"
-    learning_rate: float = 1e-4
-    unet_lr: float | None = None
+    optimizer_type: str = "AdamW"  # the optimiser (kohya --optimizer_type)
+    learning_rate: float = 1e-4  # the base learning rate (1e-4 is typical for AdamW, 1.0 for Prodigy)
+    unet_lr: float | None = None  # the UNet LoRA's learning rate; unset: learning_rate
+    # the text-encoder LoRA's learning rate: one value for every text encoder, or one per encoder
+    # (SDXL: te1, te2); unset: learning_rate
     text_encoder_lr: tuple[float, ...] | None = None
+    # more optimiser arguments as "key=value" (kohya optimizer_args), e.g. ["weight_decay=0.01"]
     optimizer_args: tuple[str, ...] = ()
-    max_grad_norm: float = 1.0
-    loraplus_lr_ratio: float = 0.0
+    max_grad_norm: float = 1.0  # gradient clipping by this norm; 0 turns clipping off
+    loraplus_lr_ratio: float = 0.0  # LoRA+: lora_up weights train at learning rate x this ratio; 0 = off
+    # the text-encoder LoRA trains while step < N; 0 = always (kohya has it in train_db.py only)
     stop_text_encoder_training: int = 0
-    lr_scheduler: str = "constant"
-    lr_warmup_steps: float = 0
-    lr_scheduler_num_cycles: int = 1
-    lr_scheduler_power: float = 1.0
+    lr_scheduler: str = "constant"  # the learning-rate schedule (kohya --lr_scheduler)
+    lr_warmup_steps: float = 0  # warm-up: whole steps, or a number < 1 as a fraction of all steps
+    lr_scheduler_num_cycles: int = 1  # restarts of cosine_with_restarts
+    lr_scheduler_power: float = 1.0  # the power of the polynomial schedule
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen: normalised values are stored once, here
@@ -140,7 +138,12 @@ def canonical_optimizer_name(name: str) -> str:
             f"optimizer.optimizer_type: {name!r} (a kohya optimiser) is not implemented yet; "
             f"use one of {supported} (Prodigy is the adaptive choice)"
         )
-    raise ConfigError(f"optimizer.optimizer_type: {name!r} is not supported; use one of {supported}")
+    raise ConfigError(
+        f"optimizer.optimizer_type: {name!r} is not supported; use one of {supported}",
+        field="optimizer.optimizer_type",
+        choices=OPTIMIZERS,
+        hint="matched case-insensitively",
+    )
 
 
 def parse_optimizer_args(args: Sequence[str]) -> dict[str, object]:

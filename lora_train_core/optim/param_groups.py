@@ -28,17 +28,14 @@ _DIFFUSERS_UPDOWN = re.compile(r"(up|down)_blocks_(\d+)_(resnets|upsamplers|down
 
 @dataclass(frozen=True)
 class BlockWeights:
-    """kohya's block-wise lr weights (network_args down_lr_weight, mid_lr_weight, up_lr_weight).
+    """kohya's block-wise lr weights (network_args down_lr_weight, mid_lr_weight, up_lr_weight)."""
 
-    down/up: one weight per block (shallow → deep for down, deep → shallow for up; a short
-    list is padded with 1.0), or a preset name optionally with "+base", e.g. "sine+.5".
-    Weights <= block_lr_zero_threshold become 0: those modules are not trained.
-    """
-
+    # an lr weight per down block, shallow → deep (a short list is padded with 1.0), or a preset
     down_lr_weight: tuple[float, ...] | str | None = None
-    mid_lr_weight: tuple[float, ...] | float | None = None
+    mid_lr_weight: tuple[float, ...] | float | None = None  # the lr weight of the mid block(s)
+    # an lr weight per up block, deep → shallow (a short list is padded with 1.0), or a preset
     up_lr_weight: tuple[float, ...] | str | None = None
-    block_lr_zero_threshold: float = 0.0
+    block_lr_zero_threshold: float = 0.0  # blocks weighted at or below this are not trained
 
     def __post_init__(self) -> None:
         if isinstance(self.mid_lr_weight, str):
@@ -281,7 +278,10 @@ def _split_preset(field: str, text: str) -> tuple[str, float]:
     name, _, base = text.partition("+")
     if name not in PRESETS:
         raise ConfigError(
-            f"{field}: {text!r} is not a preset; use one of {', '.join(PRESETS)}, e.g. 'sine+.5'"
+            f"{field}: {text!r} is not a preset; use one of {', '.join(PRESETS)}, e.g. 'sine+.5'",
+            field=field,
+            choices=PRESETS,
+            hint="a preset may add '+base', e.g. 'sine+.5'",
         )
     try:
         return name, float(base) if base else 0.0

@@ -15,6 +15,11 @@ LoRAs A, B with weights a, b is a·ΔW_A + b·ΔW_B, exactly:
 
 `merge_into_backend` adds ΔW to the wrapped modules' weights (kohya's
 `merge_lora.py` into a model): the result equals the LoRA applied at strength 1.
+
+Errors about the options name the `merge` command's flags (--mode, --rank, --save-precision,
+--out, --overwrite): the CLI is the door that can pass a bad one. The Merge LoRAs node cannot:
+its mode and precision are combos, it sends a rank (>= 1) for svd only, and without overwrite
+it saves under a free file name.
 """
 
 from __future__ import annotations
@@ -137,11 +142,15 @@ def merge_loras(
     A module missing from some inputs counts as zero there. `metadata` and
     `names` (one per input) serve the architecture checks and their messages.
     """
-    check_choice("merge.mode", mode, MODES)
+    check_choice("merge --mode", mode, MODES)
     if mode == "svd":
-        check_int("merge.rank", rank, 1, None, "the merged LoRA's rank; 16-64 is typical")
+        if rank is None:
+            raise ConfigError("merge --mode svd needs --rank N, the merged LoRA's rank (16-64 is typical)")
+        check_int("merge --rank", rank, 1, None, "the merged LoRA's rank; 16-64 is typical")
     elif rank is not None:
-        raise ConfigError(f"merge.rank: {rank!r} applies only to mode 'svd'; concat's rank is the sum")
+        raise ConfigError(
+            f"merge --rank: {rank!r} applies only to --mode svd; an exact (concat) merge's rank is the sum"
+        )
     if not loras:
         raise ConfigError("merge: no LoRA given; give at least one FILE:WEIGHT")
     names = list(names or [f"input {i + 1}" for i in range(len(loras))])
@@ -313,7 +322,10 @@ def merge_lora_files(
     overwrite: bool = False,
 ) -> tuple[Path, MergeResult]:
     """Load, merge and save: the `merge` command without --into-model."""
-    check_choice("merge.save_precision", save_precision, SAVE_DTYPES)
+    check_choice("merge --save-precision", save_precision, SAVE_DTYPES)
+    out = Path(out)
+    if out.exists() and not overwrite:  # before the work, and in the flags' words (save_lora checks again)
+        raise ConfigError(f"merge: {out} already exists; choose another --out or pass --overwrite")
     loaded = [load_lora(path) for path, _ in specs]
     result = merge_loras(
         [(sd, w) for (sd, _), (_, w) in zip(loaded, specs, strict=True)],

@@ -102,10 +102,10 @@ def load_prompts(path: Path) -> list[SamplePrompt]:
 class SampleConfig:
     """[samples] section: when to render validation images (kohya sample_every_n_*)."""
 
-    prompts: tuple[str, ...] = ()  # kohya prompt lines ("a cat --n blurry --d 1 --s 20")
-    prompts_file: Path | None = None  # .txt/.toml/.json in kohya's format
-    sample_every_n_steps: int = 0  # 0 = only at the end (if prompts are given)
-    seed: int = 0  # for prompts without --d
+    prompts: tuple[str, ...] = ()  # validation prompts, kohya prompt lines ("a cat --n blurry --d 1 --s 20")
+    prompts_file: Path | None = None  # a .txt/.toml/.json file of prompts in kohya's format
+    sample_every_n_steps: int = 0  # render the samples every N steps; 0 = only at the end (if prompts)
+    seed: int = 0  # the seed of prompts without --d
 
     def __post_init__(self):
         check_int("samples.sample_every_n_steps", self.sample_every_n_steps, 0)

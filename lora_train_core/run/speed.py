@@ -38,10 +38,10 @@ COMPILE_BLOCKS = {
 class SpeedConfig:
     """[speed] section (see the module docstring for what each option does)."""
 
-    cuda_graph: bool = False
-    compile_blocks: str = "none"  # none, transformer, transformer+resnet
-    cudnn_benchmark: bool = False
-    fp8_base: bool = False
+    cuda_graph: bool = False  # replay forward, loss and backward from one CUDA graph per batch shape
+    compile_blocks: str = "none"  # torch.compile each transformer block (and ResNet block) of the UNet
+    cudnn_benchmark: bool = False  # cuDNN times its convolution algorithms for each new shape
+    fp8_base: bool = False  # keep the frozen UNet's weights in float8 (kohya --fp8_base); changes results
 
     def __post_init__(self):
         for name in ("cuda_graph", "cudnn_benchmark", "fp8_base"):
