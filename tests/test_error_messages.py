@@ -21,9 +21,6 @@ USER_ERRORS = {"LoraTrainError", "ConfigError", "DatasetError", "ModelError"}
 DOTTED = re.compile(r"(?<![\w./\\-])([a-z][a-z0-9_]*)\.([a-z_][a-z0-9_]*)\b(?!\.\w)")
 FILE_SUFFIXES = {"toml", "safetensors", "txt", "caption", "json", "png", "jpg", "jpeg", "webp", "bmp", "py"}
 ABBREVIATIONS = {"e.g", "i.e"}
-# named by outputs/export.py and model/diffusers_backend.py, which are being rewritten elsewhere
-# (issue 16); drop each entry once its message names a real key
-BEING_FIXED = {"output.name", "model.prediction_type"}
 
 
 def _called(call: ast.Call) -> str:
@@ -73,7 +70,5 @@ def test_the_scan_reads_the_messages_it_checks():
 
 def test_every_section_key_in_an_error_message_exists():
     valid = {f"{s}.{f.name}" for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)}
-    unknown = sorted(
-        f"{where}: {key}" for where, key in named_keys() if key not in valid and key not in BEING_FIXED
-    )
+    unknown = sorted(f"{where}: {key}" for where, key in named_keys() if key not in valid)
     assert unknown == []

@@ -17,7 +17,7 @@ from ..families import FAMILIES
 class ModelConfig:
     """[model] section: which base model to train on."""
 
-    path: Path
+    path: Path  # a diffusers model folder, or a single .safetensors checkpoint
     family: str = "auto"  # auto, or a family's name (families/): sd15, sdxl
     v_parameterization: bool = False  # kohya: the model predicts v (SD2.x 768-v)
 

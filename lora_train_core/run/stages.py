@@ -23,9 +23,9 @@ class StageConfig:
     """One `[[stages]]` table."""
 
     resolution: int  # max training area is resolution x resolution
-    max_train_steps: int = 0
-    max_train_epochs: int = 0
-    learning_rate: float | None = None  # None = optimizer.learning_rate
+    max_train_steps: int = 0  # this stage's optimiser steps (give this or max_train_epochs)
+    max_train_epochs: int = 0  # this stage's epochs (give this or max_train_steps)
+    learning_rate: float | None = None  # this stage's learning rate; unset = optimizer.learning_rate
 
     def __post_init__(self):
         check_int("stages.resolution", self.resolution, 64, 8192, "e.g. 512, then 768, then 1024")

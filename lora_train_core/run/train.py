@@ -76,12 +76,12 @@ class TrainConfig:
     """[train] section (kohya names)."""
 
     max_train_steps: int = 1600  # optimiser steps; 0 = use max_train_epochs
-    max_train_epochs: int = 0
-    train_batch_size: int = 1
-    gradient_accumulation_steps: int = 1
+    max_train_epochs: int = 0  # train this many epochs instead of max_train_steps (0 = use the steps)
+    train_batch_size: int = 1  # images per batch, each batch from one bucket
+    gradient_accumulation_steps: int = 1  # batches summed into one optimiser step
     mixed_precision: str = "no"  # no, bf16, fp16 (fp16 uses a grad scaler)
-    gradient_checkpointing: bool = False
-    seed: int = 42
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% slower
+    seed: int = 42  # seeds the LoRA init, noise, timesteps, crops and captions: same seed, same run
     save_state_every_n_steps: int = 0  # also saved when training stops early; 0 = only then
     save_last_n_states: int = 2  # 0 keeps every state
     scale_lr_by_processes: bool = False  # multi-process runs: learning rates x number of processes
