@@ -128,7 +128,8 @@ def train(
     initial_weights: Mapping[str, torch.Tensor] | None = None,
     dist: DataParallel = SINGLE_PROCESS,
 ) -> TrainedLora:
-    """Train a LoRA; on any exception raise TrainingStopped carrying the partial result and state.
+    """Train a LoRA; on any exception (Cancel included, whatever it derives from) raise TrainingStopped
+    carrying the partial result and state; KeyboardInterrupt and SystemExit pass through unwrapped.
 
     resume: continue from this state (its settings must match `recipe`, see state.check_resumable).
     save_state: called with the state every train.save_state_every_n_steps optimiser steps.
@@ -188,7 +189,9 @@ def train(
                 result.epochs = epoch
                 if step_fn.run_epoch(plan, epoch, result, on_step, skip if epoch == start_epoch else 0):
                     break
-    except Exception as exc:
+    except (KeyboardInterrupt, SystemExit):
+        raise  # the process is asked to end now (the CLI's second Ctrl-C): nothing is saved
+    except BaseException as exc:  # ComfyUI's InterruptProcessingException is a BaseException since 2026
         result.finished_at = time.time()
         state = step_fn.stop_state(result, plan)
         raise TrainingStopped(f"training stopped after step {result.steps}: {exc}", result, state) from exc

@@ -8,6 +8,7 @@ no ComfyUI module itself; the `comfy` fixture starts ComfyUI once per session.
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 from pathlib import Path
@@ -57,3 +58,12 @@ def sd15_checkpoint(comfy) -> Sd15Checkpoint:
 def tiny_dataset(comfy) -> Path:
     """The synthetic shapes dataset in ComfyUI's input folder, as `lora_test_dataset`."""
     return comfy.make_tiny_dataset()
+
+
+@pytest.fixture(autouse=True)
+def collect_garbage():
+    """Free each test's models when it ends: an interrupted run's exception chain (the interrupt,
+    TrainingStopped and their tracebacks) is a reference cycle that would keep a test's 4 GB
+    checkpoint alive until Python's cycle collector happens to run."""
+    yield
+    gc.collect()
