@@ -24,6 +24,7 @@ from ..lora_train_core.data.latent_cache import weights_fingerprint
 from ..lora_train_core.errors import ConfigError, ModelError
 from ..lora_train_core.model.backend import TextConditioning
 from ..lora_train_core.model.kohya_keys import LoraTarget, sgm_unet_targets, text_encoder_targets
+from . import comfy_compat
 
 BASE_MODEL_VERSION = {"sd15": "sd_v1", "sdxl": "sdxl_base_v1-0"}
 MODELSPEC_ARCHITECTURE = {"sd15": "stable-diffusion-v1/lora", "sdxl": "stable-diffusion-xl-v1-base/lora"}
@@ -76,9 +77,11 @@ class ComfyBackend:
     def prepare_for_training(self, text_encoder: bool = False) -> None:
         """Load the model on its device and make its weights usable by autograd.
 
-        Call inside torch.inference_mode(False).
+        Call inside torch.inference_mode(False). A dynamic-VRAM MODEL is swapped for a
+        non-dynamic clone here (comfy_compat.training_patcher): `self.model` is what trains.
         """
-        mm.load_models_gpu([self.model])
+        self.model = comfy_compat.training_patcher(self.model, self.clip, text_encoder)
+        comfy_compat.load_for_training(self.model)
         self.diffusion_model = self.model.model.diffusion_model
         _make_trainable(self.diffusion_model)
         if text_encoder and self.clip is not None:

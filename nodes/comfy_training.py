@@ -44,6 +44,7 @@ from ..lora_train_core.run.train import (
     total_optimizer_steps,
     train,
 )
+from . import comfy_compat
 from .comfy_backend import ComfyBackend
 from .values import LatentsValue, TrainedValue
 
@@ -76,18 +77,22 @@ def train_lora_in_comfy(
             "Train LoRA: training stages re-encode the images at each resolution; connect the VAE"
         )
     with torch.inference_mode(False), torch.enable_grad():
-        backend = ComfyBackend(model, clip, vae)
-        backend.prepare_for_training(text_encoder=recipe.network.train_text_encoder)
+        comfy_backend = ComfyBackend(model, clip, vae)
         try:
+            comfy_backend.prepare_for_training(text_encoder=recipe.network.train_text_encoder)
+            for callback in also_on_step:  # samples come from the MODEL the LoRA layers sit on
+                getattr(callback, "use_model", lambda _model: None)(comfy_backend.model)
             text_cache = CacheConfig(text_encoder_outputs="ram" if cache_text else "none")
-            backend = maybe_cache_text(backend, dataset, text_cache, recipe)
+            backend = maybe_cache_text(comfy_backend, dataset, text_cache, recipe)
             runs = _stage_runs(backend, latents, recipe, stages)
             writer = StateWriter(states_dir, save_path.stem, recipe.train.save_last_n_states)
             state = load_training_state(resume) if resume is not None else None
             session = _Session(backend, dataset, save_path, save_precision, writer)
-            trained = session.train(runs, _Progress(node_id, also_on_step), state)
-        finally:
-            backend.release()  # the shared CLIP modules get their own forward back
+            with comfy_compat.training_flag():
+                trained = session.train(runs, _Progress(node_id, also_on_step), state)
+        finally:  # on success, error and Cancel (a BaseException in newer ComfyUI) alike
+            comfy_backend.release()  # the shared CLIP modules get their own forward back
+            comfy_compat.release_training_patcher(comfy_backend.model, model)
     metadata = session.save(save_path, trained)
     # The in-graph result is exactly what LoraLoader gives for the saved file: same tensors, same loader.
     lora = comfy.utils.load_torch_file(str(save_path), safe_load=True)
