@@ -25,14 +25,13 @@ from __future__ import annotations
 import functools
 
 import torch
+from training_inputs import tiny_sd15_model
 
 
-def reload_checkpoint(path: str, disable_dynamic: bool = False):
-    """A `cached_patcher_init` factory, called as newer ComfyUI calls it (with disable_dynamic);
-    0.3.64's loader takes no such argument and makes no dynamic patchers."""
-    import comfy.sd
-
-    return comfy.sd.load_checkpoint_guess_config(path, output_vae=False, output_clip=False)
+def reload_tiny_model(seed: int, disable_dynamic: bool = False):
+    """A `cached_patcher_init` factory for tiny_sd15_model, called as newer ComfyUI calls one
+    (comfy.sd.load_diffusion_model's is `(load_diffusion_model, (path, model_options))`)."""
+    return tiny_sd15_model(seed)
 
 
 class CastBuffer:

@@ -9,9 +9,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from dynamic_vram import dynamic_model_patcher, reload_checkpoint
+from dynamic_vram import dynamic_model_patcher, reload_tiny_model
 from safetensors.torch import load_file
-from training_inputs import SIZE, load_model, node_graph_values, text_encoder_network
+from training_inputs import SIZE, node_graph_values, text_encoder_network, tiny_sd15_model
 
 pytestmark = pytest.mark.slow
 SAMPLE = f"a red circle --w {SIZE} --h {SIZE} --s 1 --d 3"
@@ -30,13 +30,26 @@ def module_state(module: torch.nn.Module) -> dict:
     }
 
 
-def test_the_stand_in_cannot_be_trained_through_directly(comfy, sd15_checkpoint):
+@pytest.fixture(scope="module")
+def graph(comfy, sd15_checkpoint, tiny_dataset):
+    """(MODEL, CLIP, VAE, the pack's nodes, LORA_LATENTS): a tiny SD1.5-shaped MODEL (a dynamic
+    MODEL's clone is a second copy of it) with the random SD1.5 checkpoint's CLIP and VAE."""
+    import comfy.sd as comfy_sd
+
+    with torch.inference_mode():
+        path = str(sd15_checkpoint.path)
+        _, clip, vae, _ = comfy_sd.load_checkpoint_guess_config(path, output_model=False)
+    model = tiny_sd15_model()
+    nodes, latents = node_graph_values(comfy, model, vae, tiny_dataset)
+    return model, clip, vae, nodes, latents
+
+
+def test_the_stand_in_cannot_be_trained_through_directly(comfy):
     """What the pack must avoid: a backward through a lazily loaded dynamic MODEL reads weights
     that later ops' casts have overwritten."""
     import comfy.model_management as mm
 
-    model, _, _ = load_model(sd15_checkpoint.path)
-    dynamic = dynamic_model_patcher(model)
+    dynamic = dynamic_model_patcher(tiny_sd15_model())
     with torch.inference_mode(False):
         mm.load_models_gpu([dynamic])
         x = torch.randn(1, 4, SIZE // 8, SIZE // 8, requires_grad=True)
@@ -46,13 +59,10 @@ def test_the_stand_in_cannot_be_trained_through_directly(comfy, sd15_checkpoint)
     mm.unload_all_models()
 
 
-def test_a_dynamic_model_trains_on_a_clone_like_the_plain_model_and_is_left_alone(
-    comfy, sd15_checkpoint, tiny_dataset
-):
-    model, clip, vae = load_model(sd15_checkpoint.path)
-    nodes, latents = node_graph_values(comfy, model, vae, tiny_dataset)
+def test_a_dynamic_model_trains_on_a_clone_like_the_plain_model_and_is_left_alone(graph):
+    model, clip, vae, nodes, latents = graph
     # Loaded again by the loader's factory, as newer ComfyUI's clone(disable_dynamic=True) does.
-    dynamic = dynamic_model_patcher(model, (reload_checkpoint, (str(sd15_checkpoint.path),), 0))
+    dynamic = dynamic_model_patcher(model, (reload_tiny_model, (0,)))
     before = module_state(dynamic.model)
 
     def train(on, name):
@@ -77,12 +87,9 @@ def test_a_dynamic_model_trains_on_a_clone_like_the_plain_model_and_is_left_alon
     assert np.array_equal(samples.numpy(), plain_samples.numpy())
 
 
-def test_a_dynamic_model_its_loader_cannot_reload_is_refused_naming_the_setting(
-    comfy, sd15_checkpoint, tiny_dataset
-):
+def test_a_dynamic_model_its_loader_cannot_reload_is_refused_naming_the_setting(comfy, graph):
     errors = comfy.pack_module("lora_train_core.errors")
-    model, clip, vae = load_model(sd15_checkpoint.path)
-    nodes, latents = node_graph_values(comfy, model, vae, tiny_dataset)
+    model, clip, _, nodes, latents = graph
     dynamic = dynamic_model_patcher(model)  # no cached_patcher_init, as from a custom loader
     before = module_state(dynamic.model)
     with torch.inference_mode(), pytest.raises(errors.ModelError, match="--disable-dynamic-vram"):
@@ -91,12 +98,9 @@ def test_a_dynamic_model_its_loader_cannot_reload_is_refused_naming_the_setting(
     assert not list(comfy.models_dir("loras").glob("it_refused*"))
 
 
-def test_text_encoder_training_on_a_dynamic_clip_is_refused_naming_the_setting(
-    comfy, sd15_checkpoint, tiny_dataset
-):
+def test_text_encoder_training_on_a_dynamic_clip_is_refused_naming_the_setting(comfy, graph):
     errors = comfy.pack_module("lora_train_core.errors")
-    model, clip, vae = load_model(sd15_checkpoint.path)
-    nodes, latents = node_graph_values(comfy, model, vae, tiny_dataset)
+    model, clip, _, nodes, latents = graph
     dynamic_clip = clip.clone()
     dynamic_clip.patcher = dynamic_model_patcher(clip.patcher)
     with torch.inference_mode():

@@ -53,3 +53,47 @@ def text_encoder_network(nodes):
         module_dropout=0.0,
         train_text_encoder=True,
     ).result[0]
+
+
+TINY_SD15_UNET = {  # SD1.5's UNet as ComfyUI detects it, at 32 channels instead of 320
+    "use_checkpoint": False,
+    "image_size": 32,
+    "use_spatial_transformer": True,
+    "legacy": False,
+    "adm_in_channels": None,
+    "in_channels": 4,
+    "out_channels": 4,
+    "model_channels": 32,
+    "num_res_blocks": [2, 2, 2, 2],
+    "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
+    "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
+    "channel_mult": [1, 2, 4, 4],
+    "transformer_depth_middle": 1,
+    "use_linear_in_transformer": False,
+    "context_dim": 768,
+    "use_temporal_resblock": False,
+    "use_temporal_attention": False,
+}
+
+
+def tiny_sd15_model(seed: int = 0):
+    """An SD1.5-shaped MODEL (a ModelPatcher) with 32-channel blocks and seeded weights: the same
+    `seed`, the same weights, as a loader reading one file twice. ComfyUI's ops leave weights
+    uninitialised, so every one is set here: 1-D weights (the norms') to 1, biases to 0, the rest
+    ~ N(0, 1/fan_in)."""
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    config = comfy.supported_models.SD15(TINY_SD15_UNET)
+    config.set_inference_dtype(torch.float32, None)
+    with torch.inference_mode():  # as a loader runs under the executor
+        model = config.get_model({})
+        generator = torch.Generator().manual_seed(seed)
+        for name, weight in model.diffusion_model.named_parameters():
+            if weight.ndim == 1:
+                weight.fill_(1.0 if name.endswith("weight") else 0.0)
+            else:
+                fan_in = weight[0].numel()
+                weight.copy_(torch.randn(weight.shape, generator=generator) / fan_in**0.5)
+    return comfy.model_patcher.ModelPatcher(model, mm.get_torch_device(), mm.unet_offload_device())
