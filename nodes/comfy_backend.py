@@ -30,6 +30,7 @@ from ..lora_train_core.model.fingerprint import (
 )
 from ..lora_train_core.model.fp8 import is_float8
 from ..lora_train_core.model.kohya_keys import LoraTarget, sgm_unet_targets, text_encoder_targets
+from . import comfy_compat
 
 # ComfyUI's CLIP attribute of each text encoder, in the order of the family's text_encoder_prefixes
 CLIP_ATTRIBUTES = {"sd15": ("clip_l",), "sdxl": ("clip_l", "clip_g")}
@@ -99,9 +100,11 @@ class ComfyBackend:
     def prepare_for_training(self, text_encoder: bool = False) -> None:
         """Load the model on its device and make its weights usable by autograd.
 
-        Call inside torch.inference_mode(False).
+        Call inside torch.inference_mode(False). A dynamic-VRAM MODEL is swapped for a
+        non-dynamic clone here (comfy_compat.training_patcher): `self.model` is what trains.
         """
-        mm.load_models_gpu([self.model])
+        self.model = comfy_compat.training_patcher(self.model, self.clip, text_encoder)
+        comfy_compat.load_for_training(self.model)
         self.diffusion_model = self.model.model.diffusion_model
         _make_trainable(self.diffusion_model)
         if text_encoder and self.clip is not None:

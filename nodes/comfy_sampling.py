@@ -1,7 +1,7 @@
 """Validation samples inside ComfyUI, drawn with ComfyUI's own sampler.
 
 While training, the LoRA layers sit on the diffusion model's modules, so
-`comfy.sample.sample` on the input MODEL already sees the current LoRA. The
+`comfy.sample.sample` on the MODEL that trains (`use_model`) already sees the current LoRA. The
 network is put in eval mode (no dropout) and each prompt's seed makes an image
 reproducible.
 """
@@ -75,6 +75,11 @@ class ComfySampleCallback:
         self.fresh: Image.Image | None = None
         self.prompts, self.every, self.seed = prompts, every_n_steps, seed
         self.rows: list[list[Image.Image]] = []
+
+    def use_model(self, model) -> None:
+        """Sample through `model`: the MODEL the LoRA layers sit on while training (for a
+        dynamic-VRAM MODEL, the non-dynamic clone that trains; comfy_compat.training_patcher)."""
+        self.model = model
 
     def __call__(self, report) -> None:
         if not self.prompts:

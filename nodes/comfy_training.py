@@ -29,6 +29,7 @@ from ..lora_train_core.run.orchestrator import run_training
 from ..lora_train_core.run.preflight import prepare_run
 from ..lora_train_core.run.state import TrainingState
 from ..lora_train_core.run.train import StepReport, TrainingStopped
+from . import comfy_compat
 from .comfy_backend import ComfyBackend
 from .comfy_sampling import ComfySampleCallback
 from .values import LatentsValue, TrainedValue
@@ -67,21 +68,25 @@ def train_lora_in_comfy(
     with torch.inference_mode(False), torch.enable_grad():
         backend = ComfyBackend(model, clip, inputs.vae)
         plan = prepare_run(cfg, dataset, ModelFacts.of(backend), resume)  # before any weight moves
-        backend.prepare_for_training(text_encoder=cfg.recipe.network.train_text_encoder)
         try:
-            result = run_training(
-                cfg,
-                backend,
-                on_step=_Progress(node_id, sampler),
-                dataset=dataset,
-                latents=None if cfg.stages else _trainable(latents.latents),
-                plan=plan,
-            )
+            backend.prepare_for_training(text_encoder=cfg.recipe.network.train_text_encoder)
+            if sampler is not None:  # samples come from the MODEL the LoRA layers sit on
+                sampler.use_model(backend.model)
+            with comfy_compat.training_flag():
+                result = run_training(
+                    cfg,
+                    backend,
+                    on_step=_Progress(node_id, sampler),
+                    dataset=dataset,
+                    latents=None if cfg.stages else _trainable(latents.latents),
+                    plan=plan,
+                )
         except TrainingStopped as stop:
             # ComfyUI's executor must see its own interrupt (or the error) to report it as such.
             raise (stop.__cause__ or stop) from None
-        finally:
+        finally:  # on success, error and Cancel (a BaseException in newer ComfyUI) alike
             backend.release()  # the shared CLIP modules get their own forward back
+            comfy_compat.release_training_patcher(backend.model, model)
     # The in-graph result is exactly what LoraLoader gives for the saved file: same tensors, same loader.
     lora = comfy.utils.load_torch_file(str(result.path), safe_load=True)
     model_out, clip_out = comfy.sd.load_lora_for_models(model, clip, lora, 1.0, 1.0)

@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import gc
 import importlib
+import inspect
 import json
 import logging
 import os
@@ -264,9 +265,26 @@ def _release_models() -> None:
 
 
 def new_executor():
+    """ComfyUI's PromptExecutor with the classic cache, on a ServerStub."""
     import execution
 
-    return execution.PromptExecutor(ServerStub(), cache_type=execution.CacheType.CLASSIC)
+    cache = executor_cache_kwargs(execution.PromptExecutor)
+    return execution.PromptExecutor(ServerStub(), cache_type=execution.CacheType.CLASSIC, **cache)
+
+
+def executor_cache_kwargs(executor_class) -> dict:
+    """The cache keyword `executor_class` takes besides cache_type, read from its signature.
+
+    0.3.64 takes `cache_size`; newer releases take `cache_args`, a dict whose "ram" and
+    "ram_inactive" entries execute_async reads unconditionally (main.py builds it with "lru"
+    too; execution.py in Comfy-Org/ComfyUI at cb707e9c). None of them matter to the classic cache.
+    """
+    parameters = inspect.signature(executor_class).parameters
+    if "cache_args" in parameters:
+        return {"cache_args": {"lru": 0, "ram": 0.0, "ram_inactive": 0.0}}
+    if "cache_size" in parameters:
+        return {"cache_size": None}
+    return {}
 
 
 # --- UI workflow → API prompt --------------------------------------------------------------------
@@ -498,13 +516,26 @@ def _write_comfy_checkpoint(diffusers_folder: Path, checkpoint: Path) -> None:
 
     model, clip, vae = comfy.diffusers_load.load_diffusers(str(diffusers_folder))
     mm.load_models_gpu([model, clip.load_model()], force_patch_weights=True)
-    state = model.model.state_dict_for_saving(clip.get_sd(), vae.get_sd(), None)
+    state = checkpoint_state_dict(model, clip_state_dict=clip.get_sd(), vae_state_dict=vae.get_sd())
     # comfy.sd.save_checkpoint would write the loaded dtypes (fp32 on CPU): cast to halve the file.
     state = {k: v.to(torch.float16).contiguous() for k, v in state.items()}
     comfy.utils.save_torch_file(state, str(checkpoint))
     del model, clip, vae, state
     mm.unload_all_models()
     gc.collect()
+
+
+def checkpoint_state_dict(model, **parts) -> dict:
+    """The checkpoint's state dict, as comfy.sd.save_checkpoint assembles it, by keyword.
+
+    0.3.64: `BaseModel.state_dict_for_saving(clip_state_dict, vae_state_dict, ...)` takes the
+    UNet's state dict itself. Newer releases (comfy/model_base.py in Comfy-Org/ComfyUI at
+    26adb81a) take `unet_state_dict` first, which `ModelPatcher.state_dict_for_saving(
+    clip_state_dict=..., ...)` builds (comfy/model_patcher.py at e59d85a0).
+    """
+    if "unet_state_dict" in inspect.signature(model.model.state_dict_for_saving).parameters:
+        return model.state_dict_for_saving(**parts)
+    return model.model.state_dict_for_saving(**parts)
 
 
 def install_checkpoint(checkpoint: Path) -> str:

@@ -8,6 +8,9 @@ no ComfyUI module itself; the `comfy` fixture starts ComfyUI once per session.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import gc
 import os
 import sys
 from pathlib import Path
@@ -17,6 +20,7 @@ import pytest
 
 HERE = Path(__file__).resolve().parent
 SKIP_REASON = "COMFYUI_DIR not set: integration tests need a ComfyUI checkout (see README)"
+LIBC = ctypes.CDLL(ctypes.util.find_library("c")) if ctypes.util.find_library("c") else None
 
 if str(HERE) not in sys.path:  # comfy_harness is imported by name (also under --import-mode=importlib)
     sys.path.insert(0, str(HERE))
@@ -57,3 +61,15 @@ def sd15_checkpoint(comfy) -> Sd15Checkpoint:
 def tiny_dataset(comfy) -> Path:
     """The synthetic shapes dataset in ComfyUI's input folder, as `lora_test_dataset`."""
     return comfy.make_tiny_dataset()
+
+
+@pytest.fixture(autouse=True)
+def collect_garbage():
+    """Free each test's models when it ends: an interrupted run's exception chain (the interrupt,
+    TrainingStopped and their tracebacks) is a reference cycle that would keep a test's 4 GB
+    checkpoint alive until Python's cycle collector happens to run, and glibc keeps freed weights
+    below its mmap threshold in the heap unless asked to give them back."""
+    yield
+    gc.collect()
+    if LIBC is not None and hasattr(LIBC, "malloc_trim"):
+        LIBC.malloc_trim(0)

@@ -168,3 +168,62 @@ def test_invalid_prompt_reports_the_node_error(comfy):
     result = comfy.run_prompt(prompt)
     assert not result.success
     assert "1" in result.node_errors, result.describe()
+
+
+class NewerPromptExecutor:
+    """execution.PromptExecutor as newer releases have it (Comfy-Org/ComfyUI at cb707e9c)."""
+
+    def __init__(self, server, cache_type=False, cache_args=None):
+        self.server, self.cache_type, self.cache_args = server, cache_type, cache_args
+
+    def ram_headroom(self) -> tuple[int, int]:
+        """What execute_async reads from cache_args before it runs anything."""
+        return int(self.cache_args["ram"] * (1024**3)), int(self.cache_args["ram_inactive"] * (1024**3))
+
+
+def test_the_harness_builds_executors_of_either_signature(comfy):
+    import execution
+
+    kwargs = comfy.executor_cache_kwargs(NewerPromptExecutor)
+    newer = NewerPromptExecutor(comfy.ServerStub(), cache_type=execution.CacheType.CLASSIC, **kwargs)
+    assert newer.ram_headroom() == (0, 0)
+    assert isinstance(comfy.new_executor(), execution.PromptExecutor)  # this checkout's own
+
+
+class NewerBaseModel:
+    """comfy/model_base.py in Comfy-Org/ComfyUI at 26adb81a: the UNet's state dict comes first."""
+
+    def state_dict_for_saving(
+        self, unet_state_dict, clip_state_dict=None, vae_state_dict=None, clip_vision_state_dict=None
+    ):
+        return {**unet_state_dict, **clip_state_dict, **vae_state_dict}
+
+
+class NewerPatcher:
+    """comfy/model_patcher.py at e59d85a0: the patcher builds the UNet's part."""
+
+    model = NewerBaseModel()
+
+    def state_dict_for_saving(self, clip_state_dict=None, vae_state_dict=None, clip_vision_state_dict=None):
+        unet = {"model.diffusion_model.w": "unet"}
+        return self.model.state_dict_for_saving(
+            unet, clip_state_dict=clip_state_dict, vae_state_dict=vae_state_dict
+        )
+
+
+class OlderBaseModel:
+    """0.3.64's BaseModel reads its own UNet."""
+
+    def state_dict_for_saving(self, clip_state_dict=None, vae_state_dict=None, clip_vision_state_dict=None):
+        return {"model.diffusion_model.w": "unet", **clip_state_dict, **vae_state_dict}
+
+
+class OlderPatcher:
+    model = OlderBaseModel()
+
+
+def test_the_harness_saves_checkpoints_with_either_state_dict_for_saving(comfy):
+    parts = {"clip_state_dict": {"clip.w": "clip"}, "vae_state_dict": {"vae.w": "vae"}}
+    expected = {"model.diffusion_model.w": "unet", "clip.w": "clip", "vae.w": "vae"}
+    for patcher in (NewerPatcher(), OlderPatcher()):
+        assert comfy.checkpoint_state_dict(patcher, **parts) == expected, type(patcher).__name__

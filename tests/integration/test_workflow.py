@@ -10,11 +10,14 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
+from training_inputs import SIZE, bit_identical, load_model, node_graph_values, text_encoder_network
+
+from lora_train_core.outputs.export import read_metadata
 
 WORKFLOW = Path(__file__).resolve().parents[2] / "workflows" / "sd15_train_then_sample.json"
-SIZE = 64  # pixels: 8x8 latents keep the full-size UNet fast on a CPU
 
 
 def _training_prompt(comfy, checkpoint_name: str, dataset: Path, lora_name: str) -> dict:
@@ -108,82 +111,61 @@ def test_sd15_workflow_trains_saves_and_samples_exactly_like_loraloader(comfy, s
     assert np.array_equal(trained_image, loader_image)
 
 
-def _bit_identical(before: dict, after: dict) -> bool:
-    """Every tensor unchanged, value for value. NaN equals NaN here: the random checkpoint leaves
-    weights it lacks (clip's text_projection) uninitialised, and those may hold NaNs."""
-    return before.keys() == after.keys() and all(
-        torch.allclose(before[k], after[k], rtol=0, atol=0, equal_nan=True) for k in before
-    )
-
-
-def _load_model(checkpoint: Path):
-    import comfy.sd as comfy_sd
-
-    with torch.inference_mode():  # as CheckpointLoaderSimple runs under the executor
-        model, clip, vae, *_ = comfy_sd.load_checkpoint_guess_config(str(checkpoint))
-    return model, clip, vae
-
-
-def _node_graph_values(comfy, model, vae, dataset: Path):
-    nodes = comfy.pack_module("nodes")
-    with torch.inference_mode():
-        data = nodes.LoadDataset.execute(dataset.name, "", ".txt", 1, False, 0, 0.0, 0.0).result[0]
-        buckets = nodes.Bucketize.execute(data, SIZE, SIZE, 2 * SIZE, 64, False, False).result[0]
-        latents = nodes.CacheLatents.execute(buckets, model, vae, "ram").result[0]
-    return nodes, latents
-
-
+@pytest.mark.parametrize("interrupt_base", [BaseException, Exception])
 def test_cancel_keeps_a_loadable_partial_lora_and_leaves_the_input_model_unchanged(
-    comfy, sd15_checkpoint, tiny_dataset
+    comfy, sd15_checkpoint, tiny_dataset, monkeypatch, interrupt_base
 ):
+    """Cancel, whichever base class ComfyUI's interrupt has: an Exception up to 0.3.x, a
+    BaseException from about April 2026 (comfy/model_management.py in Comfy-Org/ComfyUI at a7631e35)."""
     import comfy.model_management as mm
     import comfy.sd as comfy_sd
     import comfy.utils as comfy_utils
 
-    model, clip, vae = _load_model(sd15_checkpoint.path)
+    class Interrupt(interrupt_base):
+        """What throw_exception_if_processing_interrupted raises, looked up when it raises."""
+
+    monkeypatch.setattr(mm, "InterruptProcessingException", Interrupt)
+    model, clip, vae = load_model(sd15_checkpoint.path)
     before = {k: v.clone() for k, v in model.model.diffusion_model.state_dict().items()}
-    nodes, latents = _node_graph_values(comfy, model, vae, tiny_dataset)
-    stop_at = 2
+    nodes, latents = node_graph_values(comfy, model, vae, tiny_dataset)
+    name, total = f"it_cancel_{interrupt_base.__name__}", 10
 
-    def hook(value, total, preview, node_id=None):
-        if value >= stop_at:
-            mm.interrupt_current_processing(True)
+    def cancel(value, total, preview, node_id=None):
+        # Cancel on whichever progress update arrives: newer ProgressBars drop updates within 100 ms
+        # or 0.5% of the last, but never the first (comfy/utils.py at b3be02d6).
+        mm.interrupt_current_processing(True)
 
-    comfy_utils.set_progress_bar_global_hook(hook)
+    comfy_utils.set_progress_bar_global_hook(cancel)
     try:
-        with torch.inference_mode():
-            try:
-                nodes.TrainLoRA.execute(model, clip, latents, 10, 1, 1, False, 1, "it_cancel", False, "fp16")
-            except mm.InterruptProcessingException:
-                pass
-            else:
-                raise AssertionError("training was not interrupted")
+        with torch.inference_mode(), pytest.raises(Interrupt):
+            nodes.TrainLoRA.execute(model, clip, latents, total, 1, 1, False, 1, name, False, "fp16")
     finally:
         comfy_utils.set_progress_bar_global_hook(None)
         mm.interrupt_current_processing(False)
-    partial = comfy.models_dir("loras") / "it_cancel-partial.safetensors"
+    partial = comfy.models_dir("loras") / f"{name}-partial.safetensors"
     assert partial.is_file()
-    assert not (comfy.models_dir("loras") / "it_cancel.safetensors").exists()
+    assert not (comfy.models_dir("loras") / f"{name}.safetensors").exists()
+    assert 1 <= int(read_metadata(partial)["ss_steps"]) < total
     lora = comfy_utils.load_torch_file(str(partial), safe_load=True)
     with comfy.capture_logs() as messages:
         comfy_sd.load_lora_for_models(model, clip, lora, 1.0, 1.0)
     assert not [m for m in messages if "lora key not loaded" in m], messages
     after = model.model.diffusion_model.state_dict()
-    assert _bit_identical(before, after)
+    assert bit_identical(before, after)
     assert all("forward" not in vars(m) for m in model.model.diffusion_model.modules())
 
 
 def test_a_finished_run_leaves_the_input_model_bit_identical(comfy, sd15_checkpoint, tiny_dataset):
-    model, clip, vae = _load_model(sd15_checkpoint.path)
+    model, clip, vae = load_model(sd15_checkpoint.path)
     before = {k: v.clone() for k, v in model.model.diffusion_model.state_dict().items()}
-    nodes, latents = _node_graph_values(comfy, model, vae, tiny_dataset)
+    nodes, latents = node_graph_values(comfy, model, vae, tiny_dataset)
     with torch.inference_mode():
         out = nodes.TrainLoRA.execute(
             model, clip, latents, 1, 1, 1, False, 1, "it_identity", False, "fp16"
         ).result
     assert Path(out[3]).is_file()
     after = model.model.diffusion_model.state_dict()
-    assert _bit_identical(before, after)
+    assert bit_identical(before, after)
     assert all("forward" not in vars(m) for m in model.model.diffusion_model.modules())
 
 
@@ -193,20 +175,11 @@ def test_text_encoder_lora_trains_and_leaves_the_input_clip_bit_identical(
     import comfy.sd as comfy_sd
     from safetensors.torch import load_file
 
-    model, clip, vae = _load_model(sd15_checkpoint.path)
+    model, clip, vae = load_model(sd15_checkpoint.path)
     before = {k: v.clone() for k, v in clip.cond_stage_model.state_dict().items()}
-    nodes, latents = _node_graph_values(comfy, model, vae, tiny_dataset)
+    nodes, latents = node_graph_values(comfy, model, vae, tiny_dataset)
     with torch.inference_mode():
-        network = nodes.ConfigureNetwork.execute(
-            network_dim=4,
-            network_alpha=4.0,
-            conv_dim=0,
-            conv_alpha=1.0,
-            network_dropout=0.0,
-            rank_dropout=0.0,
-            module_dropout=0.0,
-            train_text_encoder=True,
-        ).result[0]
+        network = text_encoder_network(nodes)
         out = nodes.TrainLoRA.execute(
             model, clip, latents, 1, 1, 1, False, 1, "it_te", False, "fp32", network=network
         ).result
@@ -214,7 +187,7 @@ def test_text_encoder_lora_trains_and_leaves_the_input_clip_bit_identical(
     te_ups = [k for k in lora if k.startswith("lora_te_") and k.endswith("lora_up.weight")]
     assert len(te_ups) == 72 and all(lora[k].abs().sum() > 0 for k in te_ups)
     after = clip.cond_stage_model.state_dict()
-    assert _bit_identical(before, after)
+    assert bit_identical(before, after)
     assert all("forward" not in vars(m) for m in clip.cond_stage_model.modules())
     with comfy.capture_logs() as messages:
         comfy_sd.load_lora_for_models(model, clip, lora, 1.0, 1.0)
