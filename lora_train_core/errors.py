@@ -7,6 +7,7 @@ the ComfyUI nodes print these messages without a traceback.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 
 
@@ -38,10 +39,11 @@ def check_range(
     hi: float | None = None,
     hint: str = "",
 ) -> None:
-    """Raise ConfigError unless lo <= value <= hi (either bound may be None)."""
+    """Raise ConfigError unless lo <= value <= hi (either bound may be None); NaN is never in range."""
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ConfigError(f"{field}: {value!r} is not a number{_hint(hint)}")
-    if (lo is not None and value < lo) or (hi is not None and value > hi):
+    # NaN fails every comparison, so it must be caught by name or it passes any range
+    if math.isnan(value) or (lo is not None and value < lo) or (hi is not None and value > hi):
         lo_s = "-inf" if lo is None else f"{lo:g}"
         hi_s = "inf" if hi is None else f"{hi:g}"
         raise ConfigError(f"{field}: {value!r} is out of range; use {lo_s}..{hi_s}{_hint(hint)}")
