@@ -7,6 +7,7 @@ the ComfyUI nodes print these messages without a traceback.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 
 
@@ -62,11 +63,12 @@ def check_range(
     hi_open: bool = False,
 ) -> None:
     """Raise ConfigError unless lo <= value <= hi (either bound may be None; `lo_open` / `hi_open`
-    exclude the bound itself)."""
+    exclude the bound itself); NaN is never in range."""
     rule = {"field": field, "bounds": (lo, hi), "open_ends": (lo_open, hi_open), "hint": hint}
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ConfigError(f"{field}: {value!r} is not a number{_hint(hint)}", **rule)
-    below = lo is not None and (value < lo or (lo_open and value == lo))
+    # NaN fails every comparison, so it must be caught by name or it passes any range
+    below = math.isnan(value) or (lo is not None and (value < lo or (lo_open and value == lo)))
     above = hi is not None and (value > hi or (hi_open and value == hi))
     if below or above:
         use = format_bounds(lo, hi, lo_open, hi_open)

@@ -80,7 +80,9 @@ def _setup(dataset_dir):
 def _stop_at(step):
     def on_step(report):
         if report.step == step:
-            raise RuntimeError("cancel")  # an Exception, as ComfyUI's interrupt is
+            raise RuntimeError(
+                "cancel"
+            )  # any exception stops a run the same way (tests/test_run.py: BaseException)
 
     return on_step
 
