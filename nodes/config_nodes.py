@@ -21,6 +21,7 @@ from ..lora_train_core.optim.param_groups import BlockWeights
 from .values import CATEGORY, LoraNetwork, LoraNoise, LoraOptimizer, NoiseValue, OptimizerValue
 
 SCHEDULERS = list(LR_SCHEDULERS)
+_NETWORK = NetworkConfig()  # the core's defaults: an untouched node trains what the CLI trains
 
 
 def _fields(cls, values: dict) -> dict:
@@ -296,7 +297,14 @@ class ConfigureNetwork(io.ComfyNode):
             description="LoRA rank, alpha, conv layers, dropouts and which parts train.",
             inputs=[
                 io.Int.Input("network_dim", default=16, min=1, max=1024, tooltip="LoRA rank."),
-                _f("network_alpha", 8.0, 0.0, 1024.0, 0.5, "Scale is alpha/rank (0 = rank)."),
+                _f(
+                    "network_alpha",
+                    _NETWORK.network_alpha,
+                    0.0,
+                    1024.0,
+                    0.5,
+                    "Scale is alpha/rank (0 = rank).",
+                ),
                 io.Int.Input(
                     "conv_dim",
                     default=0,
@@ -310,7 +318,7 @@ class ConfigureNetwork(io.ComfyNode):
                 _f("module_dropout", 0.0, 0.0, 0.99, 0.01, "Skip a whole LoRA module with this probability."),
                 io.Boolean.Input(
                     "train_text_encoder",
-                    default=False,
+                    default=_NETWORK.train_text_encoder,
                     tooltip="Also train LoRA on the text encoder(s) (kohya's default); "
                     "off trains the UNet only.",
                 ),
