@@ -466,6 +466,7 @@ def test_nan_loss_stops_with_a_partial_lora_of_the_last_good_step(
     comfy_report = str(raised.value)
 
     folders = DoorFiles(tmp_path, comfy.models_dir("loras"))
+    states = DoorFiles(tmp_path / "state", comfy_states_dir(comfy))
     for door, report in zip(DoorFiles._fields, (cli_report, comfy_report), strict=True):
         assert "loss of step 2 is nan" in report, f"{door} did not report the NaN: {report}"
         folder = getattr(folders, door)
@@ -476,6 +477,8 @@ def test_nan_loss_stops_with_a_partial_lora_of_the_last_good_step(
         saved = load_file(str(partial))
         assert saved.keys() == step_1.keys(), door
         assert all(torch.equal(saved[k], step_1[k].float()) for k in saved), f"{door}: not step 1's weights"
+        # the state of the last good step, to resume from once the cause is fixed
+        assert state_folders(getattr(states, door), recipe.name) == [f"{recipe.name}-step00000001"], door
 
 
 def test_stages_with_a_disk_cache_encode_every_stage_into_the_disk_cache(
