@@ -94,8 +94,8 @@ def train_lora_in_comfy(
 
 
 class _Progress:
-    """Step callback: Cancel check, the samples, then ProgressBar with a preview: the samples
-    drawn at this step if any, else every few steps the live loss plot."""
+    """Step callback: Cancel check, the samples, then ProgressBar with a preview (the samples
+    drawn at this step if any, else every few steps the live loss plot), Cancel check again."""
 
     def __init__(self, node_id: str | None, sampler: ComfySampleCallback | None):
         self.node_id, self.sampler = node_id, sampler
@@ -119,6 +119,9 @@ class _Progress:
             plot = render_loss_plot(self.losses, title=f"loss {loss:.4f} (step {step}/{total})")
             preview = ("JPEG", plot, 512)
         self.bar.update_absolute(step, total, preview)
+        # A Cancel pressed while this step was reported (samples, preview, progress hook) stops
+        # the run at this step, as Ctrl-C does in the CLI, not after one more step.
+        mm.throw_exception_if_processing_interrupted()
 
 
 def _trainable(latents):

@@ -288,9 +288,6 @@ class ConfigureOptimizer(io.ComfyNode):
                 "unet_lr": w["unet_lr"] or None,
                 "text_encoder_lr": (w["text_encoder_lr"],) if w["text_encoder_lr"] > 0 else None,
                 "optimizer_args": tuple(w["optimizer_args"].split()),
-                "lr_warmup_steps": int(w["lr_warmup_steps"])
-                if w["lr_warmup_steps"] >= 1
-                else w["lr_warmup_steps"],
             }
         )
         return io.NodeOutput(OptimizerValue(optimizer, ema, blocks if blocks.is_set else None))

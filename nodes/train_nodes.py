@@ -260,9 +260,11 @@ class TrainLoRA(io.ComfyNode):
             recipe=recipe,
             stages=tuple(stages or ()),
         )
-        resume = (
-            None if resume_from == NO_STATE else load_training_state(state_folder(states_dir(), resume_from))
-        )
+        resume = None
+        if resume_from != NO_STATE:
+            # Read outside inference mode: the optimiser updates the state's tensors in place.
+            with torch.inference_mode(False):
+                resume = load_training_state(state_folder(states_dir(), resume_from))
         sampler = ComfySampleCallback(model, clip, vae, prompts, sample_every_n_steps, seed)
         trained, model_out, clip_out = train_lora_in_comfy(
             ComfyInputs(model, clip, latents, vae),

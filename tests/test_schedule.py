@@ -117,6 +117,13 @@ def test_warmup_fraction_is_a_share_of_total_steps_truncated():
     assert warmup_steps(OptimizerConfig(lr_scheduler="linear", lr_warmup_steps=3.0), 20) == 3
 
 
+def test_whole_warmup_steps_are_stored_as_an_int_however_written():
+    # a ComfyUI float widget gives 0.0 or 10.0 where a TOML says 0 or 10; ss_lr_warmup_steps must agree
+    for written, stored in ((0.0, "0"), (10.0, "10"), (10, "10"), (0.25, "0.25")):
+        value = OptimizerConfig(lr_scheduler="linear", lr_warmup_steps=written).lr_warmup_steps
+        assert str(value) == stored, written
+
+
 def test_warmup_longer_than_training_is_an_error():
     with pytest.raises(ConfigError, match="lr_warmup_steps: 30 warmup steps exceed the 20"):
         warmup_steps(OptimizerConfig(lr_scheduler="linear", lr_warmup_steps=30), 20)

@@ -72,6 +72,10 @@ class OptimizerConfig:
         check_int("optimizer.stop_text_encoder_training", self.stop_text_encoder_training, 0, None)
         check_choice("optimizer.lr_scheduler", self.lr_scheduler, LR_SCHEDULERS)
         _check_warmup(self.lr_warmup_steps, self.lr_scheduler)
+        if isinstance(self.lr_warmup_steps, float) and self.lr_warmup_steps.is_integer():
+            # whole steps are an int however they were written (10, 10.0, a node's float widget),
+            # so every door records the same ss_lr_warmup_steps
+            set_(self, "lr_warmup_steps", int(self.lr_warmup_steps))
         check_int("optimizer.lr_scheduler_num_cycles", self.lr_scheduler_num_cycles, 1, None)
         check_range("optimizer.lr_scheduler_power", self.lr_scheduler_power, 0, None)
         self._check_adafactor_schedule()
