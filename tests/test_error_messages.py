@@ -14,6 +14,7 @@ from pathlib import Path
 
 import lora_train_core
 from lora_train_core.config import SECTIONS
+from lora_train_core.objective.flow import FlowConfig
 
 CORE = Path(lora_train_core.__file__).parent
 USER_ERRORS = {"LoraTrainError", "ConfigError", "DatasetError", "ModelError"}
@@ -68,7 +69,13 @@ def test_the_scan_reads_the_messages_it_checks():
     assert "speed.fp8_base" in keys and "cache.text_encoder_outputs" in keys
 
 
+# Sections of components not yet reachable from a TOML file: objective/flow.py's FlowConfig becomes
+# the [flow] section with the first flow-matching family (issue 18); until then no file can set it.
+NOT_YET_SECTIONS = {"flow": FlowConfig}
+
+
 def test_every_section_key_in_an_error_message_exists():
-    valid = {f"{s}.{f.name}" for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)}
+    sections = {**SECTIONS, **NOT_YET_SECTIONS}
+    valid = {f"{s}.{f.name}" for s, cls in sections.items() for f in dataclasses.fields(cls)}
     unknown = sorted(f"{where}: {key}" for where, key in named_keys() if key not in valid)
     assert unknown == []
