@@ -177,3 +177,14 @@ def test_refusals_come_before_any_model_exists(tmp_path, shapes_dataset, change,
     facts = ModelFacts("sd15", "epsilon", torch.device("cpu"))
     with pytest.raises(ConfigError, match=message):
         prepare_run(cfg, load_dataset(cfg.dataset), facts)
+
+
+def test_the_result_carries_the_metadata_the_file_was_saved_with(tmp_path, shapes_dataset):
+    """What EMA Export copies from the result is the saved file's record (one session id), and the
+    EMA file shares it apart from ss_ema_weights."""
+    cfg = _with(_cfg(tmp_path, shapes_dataset), ema=EMAConfig(enabled=True))
+    result = run_training(cfg, tiny_backend("sd15"), say=_quiet)
+    saved = {k: v for k, v in read_metadata(result.path).items() if not k.startswith("sshs_")}
+    assert saved == result.metadata
+    ema = {k: v for k, v in read_metadata(result.ema_path).items() if not k.startswith("sshs_")}
+    assert ema == {**result.metadata, "ss_ema_weights": "True"}

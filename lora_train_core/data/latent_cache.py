@@ -67,8 +67,9 @@ def check_cacheable(mode: str, random_crop: bool) -> None:
         )
 
 
-def check_cacheable_across_processes(mode: str, world_size: int) -> None:
-    if world_size > 1 and mode == "none":
+def check_cacheable_across_processes(encoded_per_step: bool, world_size: int) -> None:
+    """encoded_per_step: cache.mode 'none' (latents from OnTheFlyLatents)."""
+    if world_size > 1 and encoded_per_step:
         raise ConfigError(
             "cache.mode: 'none' is not implemented yet for multi-process training; use 'ram' or 'disk'"
         )

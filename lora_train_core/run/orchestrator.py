@@ -102,7 +102,7 @@ class _Run:
         self.earlier_losses = list(plan.resume.earlier_losses) if plan.resume else []
         self.records = []  # ss_stages: one record per completed stage
         self.stage = self._first_stage()
-        self._model_hash: str | None = None
+        self._model: tuple[str, str] | None = None  # base_model_name, base_model_fingerprint()
 
     def _first_stage(self) -> Stage:
         return self.plan.stages[self.plan.resume.stage if self.plan.resume else 0]
@@ -174,11 +174,9 @@ class _Run:
         if steps > 0:
             partial = next_free_path(out.output_dir / f"{self.plan.name}-partial.safetensors")
             try:
-                saved, error = save_with_fallback(
-                    lambda path: self.save(path, stop.partial, self.stage), partial, self.plan.fallback_dirs
-                )
-                if error is not None:
-                    self.say(fallback_message(partial, saved, error))
+                saved, fell_back = self._keep(partial, stop.partial, self.metadata(stop.partial, self.stage))
+                if fell_back:
+                    self.say(fell_back)
                 self.say(f"training stopped after step {steps}; partial LoRA saved to {saved}")
             except LoraTrainError as exc:
                 log.error("%s", exc)
@@ -194,24 +192,19 @@ class _Run:
         """The final file (and the EMA file), each falling back if its folder refuses the write."""
         if not self.dist.is_main:
             return RunResult(self.plan.lora_path, trained, {})
-        fell_back = []
-        path, error = save_with_fallback(
-            lambda p: self.save(p, trained, self.stage), self._final_path(), self.plan.fallback_dirs
-        )
-        if error is not None:
-            fell_back.append(fallback_message(self.plan.lora_path, path, error))
+        metadata = self.metadata(trained, self.stage)
+        path, fell_back = self._keep(self._final_path(), trained, metadata)
+        messages = [fell_back]
         ema_path = None
         if trained.ema is not None:
             wanted = path.with_name(f"{path.stem}_ema.safetensors")
-            ema_path, error = save_with_fallback(
-                lambda p: self.save(p, trained, self.stage, use_ema=True), wanted, self.plan.fallback_dirs
-            )
-            if error is not None:
-                fell_back.append(fallback_message(wanted, ema_path, error))
+            ema_meta = {**metadata, "ss_ema_weights": "True"}
+            ema_path, fell_back = self._keep(wanted, trained, ema_meta, use_ema=True)
+            messages.append(fell_back)
             self.say(f"EMA weights saved to {ema_path}")
-        if fell_back:
-            raise SavedElsewhere("; ".join(fell_back))
-        return RunResult(path, trained, self.metadata(trained, self.stage), ema_path)
+        if any(messages):
+            raise SavedElsewhere("; ".join(m for m in messages if m))
+        return RunResult(path, trained, metadata, ema_path)
 
     def _final_path(self) -> Path:
         """The planned path, unless another file took that name during the run (and no overwrite)."""
@@ -220,24 +213,39 @@ class _Run:
             return next_free_path(path)
         return path
 
-    def save(self, path: Path, trained: TrainedLora, stage: Stage, use_ema: bool = False) -> Path:
-        metadata = self.metadata(trained, stage, use_ema)
+    def _keep(
+        self, wanted: Path, trained: TrainedLora, metadata: dict[str, str], use_ema: bool = False
+    ) -> tuple[Path, str | None]:
+        """Write a file that must not be lost: where it was written, and the message if that is
+        not `wanted` (save_with_fallback)."""
+        path, error = save_with_fallback(
+            lambda p: self._write(p, trained, metadata, use_ema), wanted, self.plan.fallback_dirs
+        )
+        return path, None if error is None else fallback_message(wanted, path, error)
+
+    def save(self, path: Path, trained: TrainedLora, stage: Stage) -> Path:
+        """An intermediate file (no fallback: the run goes on if it fails)."""
+        return self._write(path, trained, self.metadata(trained, stage))
+
+    def _write(
+        self, path: Path, trained: TrainedLora, metadata: dict[str, str], use_ema: bool = False
+    ) -> Path:
         dtype = save_dtype(self.plan.cfg.output.save_precision)
         return save_lora(path, trained.kohya_state_dict(use_ema), metadata, dtype, overwrite=True)
 
-    def metadata(self, trained: TrainedLora, stage: Stage, use_ema: bool = False) -> dict[str, str]:
+    def metadata(self, trained: TrainedLora, stage: Stage) -> dict[str, str]:
         """kohya's record of the run, with the steps counted over the whole run."""
         backend, plan = self.backend, self.plan
-        if self._model_hash is None:
-            self._model_hash = backend.base_model_fingerprint()
+        if self._model is None:  # asked once per run: a fingerprint reads every tensor of the model
+            self._model = (backend.base_model_name, backend.base_model_fingerprint())
+        name, model_hash = self._model
         meta = run_metadata(
-            stage.recipe, backend, plan.dataset, stage.plan, trained, plan.name, backend.base_model_name
+            stage.recipe, backend, plan.dataset, stage.plan, trained, plan.name, name, model_hash
         )
         meta.update(stages_metadata(self.records))
         meta["ss_steps"] = str(plan.steps_before(stage) + trained.steps)
         meta["ss_max_train_steps"] = str(plan.total_steps)
-        meta["ss_new_sd_model_hash"] = self._model_hash
-        meta["ss_ema_weights"] = str(use_ema)
+        meta["ss_ema_weights"] = "False"
         meta["ss_num_processes"] = str(plan.world_size)
         meta["ss_total_batch_size"] = str(stage.total_batch)
         return meta

@@ -88,7 +88,7 @@ def prepare_run(
             stage.recipe, facts.family, facts.prediction_type, facts.device, facts.fp8_base, world_size
         )
     check_cacheable(cfg.cache.mode, cfg.buckets.random_crop)
-    check_cacheable_across_processes(cfg.cache.mode, world_size)
+    check_cacheable_across_processes(cfg.cache.mode == "none", world_size)
     for captions in cfg.recipe.all_captions():
         check_text_cacheable(cfg.cache.text_encoder_outputs, cfg.recipe.network.train_text_encoder, captions)
     if resume is not None:

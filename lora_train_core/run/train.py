@@ -225,9 +225,7 @@ def train(
     check_recipe(
         recipe, backend.family, backend.prediction_type, backend.device, backend.fp8_base, dist.world_size
     )
-    check_cacheable_across_processes(
-        "none" if isinstance(latents, OnTheFlyLatents) else "ram", dist.world_size
-    )
+    check_cacheable_across_processes(isinstance(latents, OnTheFlyLatents), dist.world_size)
     _note_short_batches(plan, cfg)
     parts = _build_trainables(backend, recipe, plan, start, dist)
     ctx = StepContext(
