@@ -290,6 +290,7 @@ class OurStep:
             self.text.hidden,
             self.text.pooled,
             self.size_conditioning,
+            None,  # no guidance input (SD families)
             noise,
             None,  # every sample's loss weight is 1
             torch.full((), loss_weight, device=latents.device),

@@ -23,6 +23,7 @@ from .data.latent_cache import CacheConfig
 from .errors import ConfigError, check_choice, check_int
 from .model.model_config import ModelConfig
 from .model.network import NetworkConfig
+from .objective.flow import FlowConfig
 from .objective.loss import LossConfig
 from .objective.noise import NoiseConfig
 from .optim.ema import EMAConfig
@@ -100,6 +101,7 @@ SECTIONS: dict[str, type] = {
     "optimizer": OptimizerConfig,  # the optimiser, learning rates and their schedule
     "noise": NoiseConfig,  # the training noise and timesteps
     "loss": LossConfig,  # the loss and its weighting per timestep
+    "flow": FlowConfig,  # flow-matching models (Flux.1): how σ is drawn, loss weighting, guidance
     "captions": CaptionConfig,  # how captions are processed: shuffling, kept tags, dropout, weights
     "ema": EMAConfig,  # an exponential moving average of the LoRA weights, saved as a second file
     "blocks": BlockWeights,  # block-wise learning-rate weights of the UNet
@@ -177,7 +179,18 @@ def run_config_from_dict(raw: dict[str, Any], base_dir: Path = Path(".")) -> Run
 
 
 RECIPE_DIR = Path(__file__).parent / "recipes"
-RECIPE_SECTIONS = ("train", "network", "optimizer", "noise", "loss", "captions", "ema", "blocks", "speed")
+RECIPE_SECTIONS = (
+    "train",
+    "network",
+    "optimizer",
+    "noise",
+    "loss",
+    "flow",
+    "captions",
+    "ema",
+    "blocks",
+    "speed",
+)
 
 
 def recipe_path(name_or_path: str | Path) -> Path:

@@ -159,7 +159,10 @@ class ComfyBackend:
         timesteps: torch.Tensor,
         text: TextConditioning,
         size_conditioning: torch.Tensor | None,
+        guidance: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        if guidance is not None:
+            raise ValueError(f"{self.family_spec.title} has no guidance input")
         y = self._sdxl_vector(text, size_conditioning) if self.family_spec.size_conditioning else None
         return self.diffusion_model(
             noisy_latents.to(self.device, self.compute_dtype),

@@ -38,13 +38,13 @@ PUBLISHED_UNETS = {"sd15": SD15_UNET, "sdxl": SDXL_UNET}
 TEXT_ENCODERS = {"sd15": [CLIP_L], "sdxl": [CLIP_L, CLIP_BIGG]}
 
 
-def test_the_registry_holds_sd15_and_sdxl_under_their_own_names():
-    assert list(FAMILIES) == ["sd15", "sdxl"]
+def test_the_registry_holds_every_family_under_its_own_name():
+    assert list(FAMILIES) == ["sd15", "sdxl", "flux_dev", "flux_schnell"]
     assert all(get_family(name).name == name for name in FAMILIES)
 
 
 def test_an_unknown_family_is_refused_naming_the_field_and_the_known_names():
-    with pytest.raises(ConfigError, match=r"model\.family: 'flux' is not one of 'sd15', 'sdxl'"):
+    with pytest.raises(ConfigError, match=r"model\.family: 'flux' is not one of 'sd15', 'sdxl', 'flux_dev'"):
         get_family("flux")
     with pytest.raises(ConfigError, match=r"buckets family: 'sd3'"):
         get_family("sd3", "buckets family")
@@ -138,7 +138,10 @@ def test_block_layout_numbers_every_lora_module_of_the_published_unet(name, coun
     [
         ({"name": "SD 1.5"}, "lowercase identifier"),
         ({"text_encoder_prefixes": ("lora_te9",)}, "text_encoder_prefixes"),
-        ({"unet_names": "native"}, "unet_names"),
+        ({"unet_names": "bfl"}, "unet_names"),
+        ({"unet_names": "native"}, "UNet layout"),
+        ({"objective": "edm"}, "objective"),
+        ({"guidance_input": True}, "default_guidance_scale"),
         ({"text_hidden_state": "first"}, "text_hidden_state"),
         ({"bucket_reso_step": 36}, "bucket_reso_step"),
         ({"modelspec_architecture": "stable-diffusion-v1"}, "modelspec_architecture"),

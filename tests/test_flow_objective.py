@@ -16,6 +16,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
 
 from lora_train_core.errors import ConfigError
+from lora_train_core.families import get_family
 from lora_train_core.objective.flow import (
     FlowConfig,
     apply_model_prediction_type,
@@ -24,6 +25,7 @@ from lora_train_core.objective.flow import (
     noisy_flow_input,
     sample_sigmas,
 )
+from lora_train_core.objective.flow_loss import guidance_scale_for
 
 SEED = 1234
 B = 64
@@ -310,11 +312,16 @@ def test_density_schemes_and_none_weight_the_loss_by_one(scheme):
 # --- config -------------------------------------------------------------------------------------
 
 
-def test_defaults_are_kohyas_except_raw_prediction_and_guidance_one():
+def test_defaults_are_kohyas_except_raw_prediction_and_the_familys_guidance():
     cfg = FlowConfig()
     assert (cfg.timestep_sampling, cfg.sigmoid_scale, cfg.discrete_flow_shift) == ("sigma", 1.0, 3.0)
     assert (cfg.weighting_scheme, cfg.logit_mean, cfg.logit_std, cfg.mode_scale) == ("none", 0.0, 1.0, 1.29)
-    assert (cfg.model_prediction_type, cfg.guidance_scale) == ("raw", 1.0)
+    assert (cfg.model_prediction_type, cfg.guidance_scale) == ("raw", None)
+    assert guidance_scale_for(cfg, get_family("flux_dev")) == 1.0  # kohya's docs: 1.0 for dev
+    assert guidance_scale_for(FlowConfig(guidance_scale=3.5), get_family("flux_dev")) == 3.5
+    assert guidance_scale_for(cfg, get_family("flux_schnell")) is None
+    with pytest.raises(ConfigError, match=r"flow\.guidance_scale: 3\.5, but Flux\.1-schnell has no guidance"):
+        guidance_scale_for(FlowConfig(guidance_scale=3.5), get_family("flux_schnell"))
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.guidance_scale = 3.5  # type: ignore[misc]
 
@@ -336,14 +343,17 @@ def test_unknown_choice_names_field_value_and_choices(field, value, allowed):
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"timestep_sampling": "shift", "sigmoid_scale": 0.0}, "flow.sigmoid_scale: 0 is out of range"),
+        (
+            {"timestep_sampling": "shift", "sigmoid_scale": 0.0},
+            "flow.sigmoid_scale: 0.0 is out of range; use 0..10 exclusive of 0",
+        ),
         (
             {"timestep_sampling": "shift", "sigmoid_scale": -1.0},
             r"flow.sigmoid_scale: -1.0 is out of range; use 0..10",
         ),
         ({"discrete_flow_shift": 0}, "flow.discrete_flow_shift: 0 is out of range"),
         ({"discrete_flow_shift": 101.0}, r"flow.discrete_flow_shift: 101.0 is out of range; use 0..100"),
-        ({"weighting_scheme": "logit_normal", "logit_std": 0.0}, "flow.logit_std: 0 is out of range"),
+        ({"weighting_scheme": "logit_normal", "logit_std": 0.0}, "flow.logit_std: 0.0 is out of range"),
         (
             {"weighting_scheme": "logit_normal", "logit_mean": math.nan},
             "flow.logit_mean: nan is out of range",

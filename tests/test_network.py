@@ -370,3 +370,48 @@ def test_network_on_a_tiny_unet_keeps_outputs_at_init_and_trains_only_lora():
     assert all(p.grad is not None for _, p in net.named_lora_parameters())
     assert all(p.grad is None for p in unet.parameters())
     assert torch.equal(unet(sample, 10, context).sample, before)
+
+
+def test_split_lora_equals_the_fused_layers_lora_in_output_and_gradients():
+    """A LoRA over diffusers' split q/k/v is kohya's LoRA on the fused qkv: same output, same grads."""
+    torch.manual_seed(0)
+    fused = nn.Linear(8, 12)
+    parts = [nn.Linear(8, 4) for _ in range(3)]
+    with torch.no_grad():
+        for i, part in enumerate(parts):
+            part.weight.copy_(fused.weight[4 * i : 4 * i + 4])
+            part.bias.copy_(fused.bias[4 * i : 4 * i + 4])
+    whole = LoRAModule("lora_unet_qkv", fused, dim=2, alpha=1.0)
+    split = LoRAModule("lora_unet_qkv", parts, dim=2, alpha=1.0)
+    with torch.no_grad():
+        whole.lora_up.weight.normal_()
+        split.lora_down.weight.copy_(whole.lora_down.weight)
+        split.lora_up.weight.copy_(whole.lora_up.weight)
+    whole.apply_to()
+    split.apply_to()
+    x = torch.randn(3, 5, 8)
+    expected = fused(x)
+    got = torch.cat([part(x) for part in parts], dim=-1)
+    torch.testing.assert_close(got, expected)
+    expected.square().sum().backward()
+    got.square().sum().backward()
+    torch.testing.assert_close(split.lora_up.weight.grad, whole.lora_up.weight.grad)
+    torch.testing.assert_close(split.lora_down.weight.grad, whole.lora_down.weight.grad)
+    split.restore()
+    assert all("forward" not in part.__dict__ for part in parts)
+
+
+def test_split_lora_parts_share_one_rank_dropout_draw():
+    """The parts see one down(x) per input tensor, so rank dropout drops the same ranks in each."""
+    torch.manual_seed(0)
+    parts = [nn.Linear(6, 6, bias=False) for _ in range(2)]
+    for part in parts:
+        nn.init.zeros_(part.weight)
+    split = LoRAModule("lora_unet_qkv", parts, dim=4, alpha=4.0, rank_dropout=0.5)
+    with torch.no_grad():
+        split.lora_up.weight.copy_(torch.cat([torch.eye(6)[:, :4], torch.eye(6)[:, :4]]))
+    split.apply_to()
+    x = torch.randn(2, 3, 6)
+    first, second = parts[0](x), parts[1](x)
+    torch.testing.assert_close(first, second)  # identical rows of up, identical draw
+    assert split._shared is None  # nothing held once both parts read it

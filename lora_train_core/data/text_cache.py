@@ -128,8 +128,9 @@ class CachedTextEncoder:
         timesteps: torch.Tensor,
         text: TextConditioning,
         size_conditioning: torch.Tensor | None,
+        guidance: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        return self.backend.predict(noisy_latents, timesteps, text, size_conditioning)
+        return self.backend.predict(noisy_latents, timesteps, text, size_conditioning, guidance)
 
     def lora_targets(self, include_conv: bool, unet: bool, text_encoder: bool) -> list[LoraTarget]:
         return self.backend.lora_targets(include_conv, unet, text_encoder)

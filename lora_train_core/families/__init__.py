@@ -1,6 +1,6 @@
 """One table row per model family: every fact about a family that the core branches on.
 
-A family is one module here (`sd15.py`, `sdxl.py`) defining a `ModelFamily`; everything else asks
+A family is one module here (`sd15.py`, `sdxl.py`, `flux.py`) defining a `ModelFamily`; everything else asks
 `get_family(name)` for it instead of keeping its own copy or testing the name. Adding a family is a
 new module here plus its backend code (the diffusers and ComfyUI model objects behind
 `model/backend.py`). Facts that only one door needs and that name that door's objects (ComfyUI's
@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from ..errors import check_choice
 from ..model.kohya_keys import TEXT_ENCODER_COMPONENTS, UNetLayout
 
-UNET_NAMES = ("diffusers", "sgm")
+UNET_NAMES = ("diffusers", "sgm", "native")
+OBJECTIVES = ("ddpm", "flow")
 TEXT_HIDDEN_STATES = ("last", "penultimate")
 
 
@@ -54,9 +55,10 @@ class ModelFamily:
     title: what messages call the family, e.g. "SD1.x/2.x".
     text_encoder_prefixes: kohya's key prefix of each text encoder, in the backend's encoder order.
     unet_names: where kohya's `lora_unet_*` names come from: "diffusers" module paths (SD1.x/2.x,
-        trained by kohya on a diffusers UNet) or "sgm", the original Stability paths (SDXL).
-    unet_layout: the published UNet's block structure (diffusers ↔ SGM naming).
-    blocks: kohya's block numbering for block-wise lr weights and dims.
+        trained by kohya on a diffusers UNet), "sgm", the original Stability paths (SDXL), or
+        "native", the model's original module paths (the DiTs: BFL's Flux, as ComfyUI loads it).
+    unet_layout: the published UNet's block structure (diffusers ↔ SGM naming); None for a DiT.
+    blocks: kohya's block numbering for block-wise lr weights and dims; None where kohya has none.
     base_model_version: kohya's `ss_base_model_version`.
     modelspec_architecture / modelspec_implementation: SAI model spec `modelspec.architecture`
         and `.implementation` of a LoRA for it (sd-scripts library/sai_model_spec.py).
@@ -69,14 +71,21 @@ class ModelFamily:
     pooled_text: the last encoder's pooled, projected output conditions the UNet too.
     size_conditioning: the UNet takes SDXL's six size numbers (original size, crop, target size).
     diffusers_pipeline: the diffusers pipeline class that samples from the family.
+    objective: "ddpm" (epsilon / v-prediction on a discrete DDPM schedule) or "flow" (rectified flow,
+        objective/flow.py: x_t = (1 − σ)·x0 + σ·ε, the model predicts ε − x0).
+    vae_shift_factor: latents are (the VAE's output − this) × vae_scaling_factor (the Flux AE's 0.1159).
+    guidance_input: the denoiser takes a guidance value (Flux-dev's distilled guidance embedding).
+    default_guidance_scale: what `flow.guidance_scale` is when unset (kohya's docs: 1.0 to train
+        Flux-dev); None for a family without a guidance input.
+    kohya_model_type: kohya's `ss_model_type` ("flux", "chroma"); "" where kohya writes none.
     """
 
     name: str
     title: str
     text_encoder_prefixes: tuple[str, ...]
     unet_names: str
-    unet_layout: UNetLayout
-    blocks: BlockLayout
+    unet_layout: UNetLayout | None
+    blocks: BlockLayout | None
     base_model_version: str
     modelspec_architecture: str
     modelspec_implementation: str
@@ -89,6 +98,11 @@ class ModelFamily:
     pooled_text: bool
     size_conditioning: bool
     diffusers_pipeline: str
+    objective: str = "ddpm"
+    vae_shift_factor: float = 0.0
+    guidance_input: bool = False
+    default_guidance_scale: float | None = None
+    kohya_model_type: str = ""
 
     def __post_init__(self):
         if not re.fullmatch(r"[a-z][a-z0-9_]*", self.name):
@@ -110,11 +124,28 @@ class ModelFamily:
             raise ValueError(f"ModelFamily {self.name}: bucket_reso_step is not a multiple of the latent's")
         if self.vae_scaling_factor <= 0:
             raise ValueError(f"ModelFamily {self.name}: vae_scaling_factor must be positive")
+        check_choice(f"ModelFamily {self.name}: objective", self.objective, OBJECTIVES)
+        if (self.unet_names == "native") != (self.unet_layout is None):
+            raise ValueError(
+                f"ModelFamily {self.name}: unet_names 'native' (a DiT) has no UNet layout; others need one"
+            )
+        if self.guidance_input != (self.default_guidance_scale is not None):
+            raise ValueError(f"ModelFamily {self.name}: default_guidance_scale goes with guidance_input")
+
+    @property
+    def is_flow(self) -> bool:
+        """Trained with the flow-matching objective (objective/flow.py), not DDPM's."""
+        return self.objective == "flow"
 
 
-from . import sd15, sdxl  # noqa: E402  (the family modules build rows of the class above)
+from . import flux, sd15, sdxl  # noqa: E402  (the family modules build rows of the class above)
 
-FAMILIES: dict[str, ModelFamily] = {family.name: family for family in (sd15.FAMILY, sdxl.FAMILY)}
+FAMILIES: dict[str, ModelFamily] = {
+    family.name: family for family in (sd15.FAMILY, sdxl.FAMILY, *flux.FAMILIES)
+}
+
+# names a user may write for "whichever of these the model turns out to be" (model.family)
+FAMILY_GROUPS: dict[str, tuple[str, ...]] = {"flux": ("flux_dev", "flux_schnell")}
 
 
 def get_family(name: str, field: str = "model.family") -> ModelFamily:
@@ -123,4 +154,4 @@ def get_family(name: str, field: str = "model.family") -> ModelFamily:
     return FAMILIES[name]
 
 
-__all__ = ["FAMILIES", "BlockLayout", "ModelFamily", "get_family"]
+__all__ = ["FAMILIES", "FAMILY_GROUPS", "BlockLayout", "ModelFamily", "get_family"]

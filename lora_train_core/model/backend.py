@@ -56,7 +56,7 @@ class ModelFacts:
     (the CLI reads them from the config and the model's layout, ComfyUI from the loaded MODEL)."""
 
     family: str
-    prediction_type: str
+    prediction_type: str  # "epsilon", "v_prediction" or "flow"
     device: torch.device
     fp8_base: bool = False  # the denoiser's weights are stored in float8
 
@@ -75,7 +75,7 @@ class PipelineParts:
     vae: nn.Module
     text_encoders: tuple[nn.Module, ...]
     tokenizers: tuple[Any, ...]
-    prediction_type: str  # "epsilon" or "v_prediction"
+    prediction_type: str  # "epsilon", "v_prediction" or "flow"
     device: torch.device
     compute_dtype: torch.dtype  # what the UNet computes in
     fp8_base: bool  # the UNet's weights are float8: sample under autocast to compute_dtype
@@ -86,9 +86,9 @@ class Backend(Protocol):
 
     family: str  # the family's name, e.g. "sd15" (SD1.x/2.x) or "sdxl"
     family_spec: ModelFamily  # the family's row of the table (families/): keys, strings, layout
-    prediction_type: str  # "epsilon" or "v_prediction"
+    prediction_type: str  # "epsilon" or "v_prediction" (DDPM families), "flow" (flow-matching)
     device: torch.device
-    alphas_cumprod: torch.Tensor  # (T,) float32, DDPM ā_t on `device`
+    alphas_cumprod: torch.Tensor | None  # (T,) float32, DDPM ā_t on `device`; None for "flow"
     fp8_base: bool  # the denoiser's weights are stored in float8 (kohya --fp8_base, ss_fp8_base)
     base_model_name: str  # what a saved LoRA records as its base model (ss_sd_model_name)
     vae_fingerprint: str  # identifies the VAE's weights: the latent cache key
@@ -122,11 +122,17 @@ class Backend(Protocol):
         timesteps: torch.Tensor,
         text: TextConditioning,
         size_conditioning: torch.Tensor | None,
+        guidance: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Raw network output (epsilon or v) for DDPM-convention x_t at integer t.
+        """Raw network output for a noisy latent, shaped like it.
 
+        DDPM families: epsilon or v for DDPM-convention x_t at integer t. Flow families: the
+        velocity v̂ ≈ ε − x0 for x_t = (1 − σ)·x0 + σ·ε at `timesteps` = σ ∈ [0, 1] (float), in the
+        core's latent layout (B, C, H, W); the backend turns σ into its model's time input and
+        packs the latent into tokens if its model wants them.
         size_conditioning: (B, 6) as SDXL's add_time_ids (original h, w, crop
         top, left, target h, w); None for families without it.
+        guidance: (B,) the guidance input of a guidance-distilled model (Flux-dev); None otherwise.
         """
         ...
 

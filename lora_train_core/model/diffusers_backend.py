@@ -137,7 +137,10 @@ class DiffusersBackend:
         timesteps: torch.Tensor,
         text: TextConditioning,
         size_conditioning: torch.Tensor | None,
+        guidance: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        if guidance is not None:
+            raise ValueError(f"{self.family_spec.title} has no guidance input")
         added = None
         if self.family_spec.size_conditioning:
             if size_conditioning is None or text.pooled is None:

@@ -66,11 +66,31 @@ _RESNET_FROM_SGM = {sgm: diffusers for diffusers, sgm in _RESNET_TO_SGM.items()}
 
 @dataclass(frozen=True)
 class LoraTarget:
-    """A module LoRA may wrap, under its kohya name."""
+    """A module LoRA may wrap, under its kohya name.
+
+    `parts`: when the kohya module is one fused Linear that this model splits into several which
+    all read the same input (diffusers' `to_q`, `to_k`, `to_v` of Flux's fused `img_attn.qkv`),
+    the split Linears in the fused weight's row order; `module` is the first of them. One LoRA
+    with one `lora_down` then spans them all, its `lora_up` rows split over the parts, exactly the
+    LoRA that kohya trains on the fused layer (model/network.py).
+    """
 
     name: str  # e.g. "lora_unet_down_blocks_0_attentions_0_proj_in"
     module: nn.Module  # an nn.Linear or nn.Conv2d (subclasses included)
     component: str  # "unet", "te" (SD1.5), "te1", "te2" (SDXL)
+    parts: tuple[nn.Module, ...] = ()
+
+    def __post_init__(self):
+        if self.parts:
+            if self.parts[0] is not self.module:
+                raise ValueError(f"{self.name}: module must be parts[0]")
+            if not all(isinstance(p, nn.Linear) for p in self.parts):
+                raise ValueError(f"{self.name}: a split target's parts must all be nn.Linear")
+
+    @property
+    def modules(self) -> tuple[nn.Module, ...]:
+        """The wrapped modules: `parts`, or the one `module`."""
+        return self.parts or (self.module,)
 
 
 @dataclass(frozen=True)

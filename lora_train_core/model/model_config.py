@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import check_choice
-from ..families import FAMILIES
+from ..families import FAMILIES, FAMILY_GROUPS
 
 
 @dataclass(frozen=True)
@@ -18,14 +18,16 @@ class ModelConfig:
     """[model] section: which base model to train on."""
 
     path: Path  # a diffusers model folder, or a single .safetensors checkpoint
-    family: str = "auto"  # auto, or a family's name (families/): sd15, sdxl
-    v_parameterization: bool = False  # kohya: the model predicts v (SD2.x 768-v)
+    # auto, a family's name (families/: sd15, sdxl, flux_dev, flux_schnell) or flux (either Flux.1)
+    family: str = "auto"
+    v_parameterization: bool = False  # kohya: the model predicts v (SD2.x 768-v); DDPM families only
 
     def __post_init__(self):
         object.__setattr__(self, "path", Path(self.path))
-        check_choice("model.family", self.family, ("auto", *FAMILIES))
+        check_choice("model.family", self.family, ("auto", *FAMILY_GROUPS, *FAMILIES))
 
     @property
     def prediction_type(self) -> str:
-        """What the network predicts: "v_prediction" with v_parameterization, else "epsilon"."""
+        """What a DDPM family's network predicts: "v_prediction" with v_parameterization, else
+        "epsilon" (a flow family's is "flow", whatever this says: the loader decides)."""
         return "v_prediction" if self.v_parameterization else "epsilon"

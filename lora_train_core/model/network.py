@@ -16,10 +16,12 @@ module dropout, the activation's device for the others), as kohya does;
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -90,6 +92,12 @@ class LoRAModule(nn.Module):
     kohya/Microsoft LoRA: down Kaiming-uniform (a = √5), up zeros, so the wrapped
     module's output is unchanged until training moves `lora_up`.
 
+    org_module may also be a sequence of Linears that read the same input and together make up
+    one fused layer (diffusers' split q/k/v of Flux's fused qkv; `LoraTarget.parts`): then
+    lora_up is Linear(r, Σ out) and each part adds its own rows of up·down(x). That is exactly the
+    LoRA kohya trains on the fused layer, saved under the fused layer's name with no rescaling. The
+    parts share one down(x) (one dropout draw) while they are called with the same input tensor.
+
     The parameters are float32 whatever the wrapped module's dtype: LoRA updates
     are tiny next to the weights and would round away in bf16. The input is cast
     to float32 and the LoRA output back to the wrapped module's output dtype, so
@@ -99,7 +107,7 @@ class LoRAModule(nn.Module):
     def __init__(
         self,
         name: str,
-        org_module: nn.Module,
+        org_module: nn.Module | Sequence[nn.Module],
         dim: int,
         alpha: float | None,
         dropout: float = 0.0,
@@ -109,23 +117,26 @@ class LoRAModule(nn.Module):
     ):
         super().__init__()
         self.name = name
-        in_size, out_size, fan_in = _module_sizes(name, org_module)
+        parts = tuple(org_module) if isinstance(org_module, Sequence) else (org_module,)
+        in_size, out_sizes, fan_in = _parts_sizes(name, parts)
+        out_size = sum(out_sizes)
         if dim > min(fan_in, out_size):
             raise ConfigError(
                 f"{name}: rank {dim} is larger than min(in={fan_in}, out={out_size}); "
                 f"use a rank of at most {min(fan_in, out_size)} for this module"
             )
-        factory = {"device": org_module.weight.device, "dtype": LORA_DTYPE}
-        if isinstance(org_module, nn.Conv2d):
+        first = parts[0]
+        factory = {"device": first.weight.device, "dtype": LORA_DTYPE}
+        if isinstance(first, nn.Conv2d):
             self.lora_down = nn.Conv2d(
                 in_size,
                 dim,
-                org_module.kernel_size,
-                org_module.stride,
-                org_module.padding,
-                org_module.dilation,
+                first.kernel_size,
+                first.stride,
+                first.padding,
+                first.dilation,
                 bias=False,
-                padding_mode=org_module.padding_mode,
+                padding_mode=first.padding_mode,
                 **factory,
             )
             self.lora_up = nn.Conv2d(dim, out_size, 1, bias=False, **factory)
@@ -143,12 +154,15 @@ class LoRAModule(nn.Module):
         self.module_dropout = module_dropout
         self.multiplier = multiplier
         # the rank axis of down(x): last for Linear, channels for Conv2d
-        self._rank_axis = -3 if isinstance(org_module, nn.Conv2d) else -1
-        # a tuple, so nn.Module does not register the wrapped module as our child
-        self._org_module = (org_module,)
-        self._org_forward = None
-        self._installed_forward = None
-        self._had_instance_forward = False
+        self._rank_axis = -3 if isinstance(first, nn.Conv2d) else -1
+        # a tuple, so nn.Module does not register the wrapped modules as our children
+        self._org_modules = parts
+        bounds = [0, *itertools.accumulate(out_sizes)]
+        self._rows = tuple(itertools.pairwise(bounds))  # each part's rows of lora_up
+        self._org_forwards: list | None = None
+        self._installed: list = []
+        self._had_instance_forward: list[bool] = []
+        self._shared: tuple[Tensor, Tensor | None, float, int] | None = None  # (x, down(x), scale, uses)
 
     def set_alpha(self, alpha: float | Tensor | None) -> None:
         """kohya: scale = alpha / rank, where alpha 0 or None means alpha = rank."""
@@ -162,44 +176,90 @@ class LoRAModule(nn.Module):
 
     @property
     def org_module(self) -> nn.Module:
-        return self._org_module[0]
+        """The wrapped module (the first part of a split one)."""
+        return self._org_modules[0]
+
+    @property
+    def org_modules(self) -> tuple[nn.Module, ...]:
+        return self._org_modules
 
     @property
     def is_applied(self) -> bool:
-        return self._installed_forward is not None
+        return self._org_forwards is not None
 
     def apply_to(self) -> None:
-        """Route the wrapped module's forward through ours (kohya's `apply_to`)."""
+        """Route each wrapped module's forward through ours (kohya's `apply_to`)."""
         if self.is_applied:
             raise RuntimeError(f"{self.name}: LoRA is already applied to this module")
-        org = self.org_module
-        self._had_instance_forward = "forward" in org.__dict__
-        self._org_forward = org.forward
-        self._installed_forward = self.forward
-        org.forward = self._installed_forward
+        self._had_instance_forward = ["forward" in org.__dict__ for org in self._org_modules]
+        self._org_forwards = [org.forward for org in self._org_modules]
+        if len(self._org_modules) == 1:
+            self._installed = [self.forward]
+        else:
+            self._installed = [partial(self._part_forward, i) for i in range(len(self._org_modules))]
+        for org, forward in zip(self._org_modules, self._installed, strict=True):
+            org.forward = forward
 
     def restore(self) -> None:
-        """Give the wrapped module back its own forward; a no-op when not applied."""
+        """Give the wrapped modules back their own forward; a no-op when not applied."""
         if not self.is_applied:
             return
-        org = self.org_module
-        if org.__dict__.get("forward") is not self._installed_forward:
-            raise RuntimeError(f"{self.name}: another wrapper replaced forward after ours; restore it first")
-        if self._had_instance_forward:
-            org.forward = self._org_forward
-        else:
-            del org.forward  # back to the class's forward, as before apply_to
-        self._org_forward = self._installed_forward = None
+        for org, installed in zip(self._org_modules, self._installed, strict=True):
+            if org.__dict__.get("forward") is not installed:
+                raise RuntimeError(
+                    f"{self.name}: another wrapper replaced forward after ours; restore it first"
+                )
+        for org, had, own in zip(
+            self._org_modules, self._had_instance_forward, self._org_forwards, strict=True
+        ):
+            if had:
+                org.forward = own
+            else:
+                del org.forward  # back to the class's forward, as before apply_to
+        self._org_forwards, self._installed, self._shared = None, [], None
 
     def forward(self, x: Tensor) -> Tensor:
         """kohya's `LoRAModule.forward`; the dropouts act only in training mode."""
-        if self._org_forward is None:
+        if self._org_forwards is None:
             raise RuntimeError(f"{self.name}: call apply_to() before running the LoRA module")
-        org_out = self._org_forward(x)
+        org_out = self._org_forwards[0](x)
+        lx, scale = self._down(x)
+        if lx is None:
+            return org_out
+        return org_out + (_in_dtype_of(self.lora_up, lx) * (self.multiplier * scale)).to(org_out.dtype)
+
+    def _part_forward(self, i: int, x: Tensor) -> Tensor:
+        """Part i of a split module: its own output plus its rows of up·down(x)."""
+        org_out = self._org_forwards[i](x)
+        lx, scale = self._shared_down(x)
+        if lx is None:
+            return org_out
+        start, stop = self._rows[i]
+        up = self.lora_up.weight[start:stop]
+        lora = F.linear(lx, up.to(lx.dtype)) if lx.dtype != up.dtype else F.linear(lx, up)
+        return org_out + (lora * (self.multiplier * scale)).to(org_out.dtype)
+
+    def _shared_down(self, x: Tensor) -> tuple[Tensor | None, float]:
+        """down(x) once for all parts called with this very tensor (the parts of a fused qkv are),
+        so they share one module-dropout and rank-dropout draw as the fused layer would; a part
+        called with another tensor (checkpointing's recompute) starts a new share."""
+        shared = self._shared
+        if shared is not None and shared[0] is x:
+            _, lx, scale, uses = shared
+        else:
+            lx, scale = self._down(x)
+            uses = 0
+        uses += 1
+        # dropped once every part has read it, so no activation outlives the forward
+        self._shared = None if uses == len(self._org_modules) else (x, lx, scale, uses)
+        return lx, scale
+
+    def _down(self, x: Tensor) -> tuple[Tensor | None, float]:
+        """down(x) after dropout and rank dropout, and the scale to apply; None when module
+        dropout skips the LoRA path this time."""
         # drawn on the CPU so that the branch does not wait for the GPU
         if self.training and self.module_dropout > 0 and torch.rand(()) < self.module_dropout:
-            return org_out
-
+            return None, self.scale
         lx = _in_dtype_of(self.lora_down, x)
         if self.training and self.dropout > 0:
             lx = F.dropout(lx, p=self.dropout)
@@ -212,7 +272,7 @@ class LoRAModule(nn.Module):
             keep = torch.rand(shape, device=lx.device) > self.rank_dropout
             lx = lx * keep.to(lx.dtype)
             scale = scale / (1.0 - self.rank_dropout)  # kohya: as if the rank were (1 - p)·r
-        return org_out + (_in_dtype_of(self.lora_up, lx) * (self.multiplier * scale)).to(org_out.dtype)
+        return lx, scale
 
 
 def _in_dtype_of(layer: nn.Module, x: Tensor) -> Tensor:
@@ -226,6 +286,16 @@ def _in_dtype_of(layer: nn.Module, x: Tensor) -> Tensor:
     if isinstance(layer, nn.Conv2d):
         return layer._conv_forward(x, weight, None)  # honours padding_mode, unlike F.conv2d
     return F.linear(x, weight)
+
+
+def _parts_sizes(name: str, parts: Sequence[nn.Module]) -> tuple[int, tuple[int, ...], int]:
+    """(in, out of each part, fan-in) of one module or of the split parts of a fused Linear."""
+    sizes = [_module_sizes(name, part) for part in parts]
+    if len(parts) > 1 and not all(isinstance(p, nn.Linear) for p in parts):
+        raise ValueError(f"{name}: only Linear modules can be split parts of one LoRA")
+    if len({(size[0], size[2]) for size in sizes}) != 1:
+        raise ValueError(f"{name}: the split parts of one LoRA must share their input size, got {sizes}")
+    return sizes[0][0], tuple(size[1] for size in sizes), sizes[0][2]
 
 
 def _module_sizes(name: str, module: nn.Module) -> tuple[int, int, int]:
@@ -279,7 +349,7 @@ class LoRANetwork(nn.Module):
                 continue
             module = LoRAModule(
                 target.name,
-                target.module,
+                target.modules,
                 dim,
                 alpha,
                 cfg.network_dropout,

@@ -18,8 +18,9 @@ One step calls, in kohya's order of random draws:
 Lumina, FLOW_FACTS §1.1) is the model family's business.
 
 Where this differs from kohya, on purpose:
-- `model_prediction_type` defaults to `raw` and `guidance_scale` to 1.0, the values kohya's docs
-  recommend, not kohya's argparse defaults (`sigma_scaled`, 3.5); see `FlowConfig`.
+- `model_prediction_type` defaults to `raw`, and an unset `guidance_scale` to the family's value
+  (1.0 for Flux-dev), as kohya's docs recommend, not kohya's argparse defaults (`sigma_scaled`,
+  3.5); see `FlowConfig`.
 - Options kohya accepts and then ignores are rejected: a density scheme (`logit_normal`, `mode`)
   outside `timestep_sampling="sigma"`, a loss-weight scheme (`sigma_sqrt`, `cosmap`) without
   `model_prediction_type="sigma_scaled"`, and a sub-option set away from its default where the chosen
@@ -52,7 +53,9 @@ NUM_TRAIN_TIMESTEPS = 1000  # entries of kohya's flow scheduler table (flux_trai
 # points (kohya get_lin_function, flux_train_utils.py:310-313; BFL's and Comfy's ModelSamplingFlux rule).
 FLUX_BASE_SEQ, FLUX_BASE_SHIFT = 256, 0.5
 FLUX_MAX_SEQ, FLUX_MAX_SHIFT = 4096, 1.15
-MODE_SCALE_MAX = 2 / (math.pi - 2)  # above it the mode density's map u' -> u is not monotone (SD3 §3.1)
+# above 2/(π − 2) = 1.75194 the mode density's map u' -> u is not monotone (SD3 §3.1); rounded down
+# to 4 digits so that the bound `train --list-keys` shows is the one enforced
+MODE_SCALE_MAX = 1.7519
 
 # Sub-options and the parent settings that read them; elsewhere they must stay at their defaults.
 _READ_BY = {
@@ -76,9 +79,10 @@ class FlowConfig:
     recommend `raw` (docs/flux_train_network.md:223, 342-347). `sigma_scaled` is kept for
     reproducing kohya runs, and is the only type under which kohya applies `sigma_sqrt` / `cosmap`.
 
-    `guidance_scale` defaults to 1.0, not kohya's 3.5, because kohya's docs say to train Flux-dev
-    with 1.0 (docs/flux_train_network.md:215-216, 352); Chroma wants 0.0. Nothing in this module
-    reads it: the model family feeds it to models with a guidance embedding.
+    `guidance_scale` unset means the family's `default_guidance_scale`: 1.0 for Flux-dev, not
+    kohya's 3.5, because kohya's docs say to train Flux-dev with 1.0 (docs/flux_train_network.md:
+    215-216, 352). Nothing in this module reads it: the step feeds it to models with a guidance
+    embedding (`flow_loss.guidance_scale_for`), and refuses it for models without one.
     """
 
     timestep_sampling: str = "sigma"  # how σ is drawn, see `sample_sigmas`; kohya's default
@@ -91,7 +95,7 @@ class FlowConfig:
     logit_std: float = 1.0  # logit_normal: the spread of that normal
     mode_scale: float = 1.29  # mode: c in u = 1 − u' − c·(cos²(π·u'/2) − 1 + u'), u' ~ U(0, 1)
     model_prediction_type: str = "raw"  # raw: v̂; additive: v̂ + x_t; sigma_scaled: x_t − σ·v̂
-    guidance_scale: float = 1.0  # the guidance input of guidance-distilled models (Flux-dev)
+    guidance_scale: float | None = None  # guidance-distilled models' input (Flux-dev); None: the family's
 
     def __post_init__(self) -> None:
         check_choice("flow.timestep_sampling", self.timestep_sampling, TIMESTEP_SAMPLINGS)
@@ -113,9 +117,10 @@ class FlowConfig:
             MODE_SCALE_MAX,
             "the SD3 paper's bounds, -1..2/(π-2); 1.29 is kohya's default",
         )
-        check_range(
-            "flow.guidance_scale", self.guidance_scale, 0, 100, "1.0 to train Flux-dev, 0.0 for Chroma"
-        )
+        if self.guidance_scale is not None:
+            check_range(
+                "flow.guidance_scale", self.guidance_scale, 0, 100, "1.0 to train Flux-dev, 0.0 for Chroma"
+            )
         self._check_weighting_is_used()
         self._check_sub_options_are_read()
 
@@ -148,9 +153,7 @@ class FlowConfig:
 
 
 def _check_positive(field: str, value: float, hi: float, hint: str) -> None:
-    check_range(field, value, 0, hi, hint)
-    if value == 0:
-        raise ConfigError(f"{field}: 0 is out of range; use a value above 0 and up to {hi:g} ({hint})")
+    check_range(field, value, 0, hi, hint, lo_open=True)
 
 
 def sample_sigmas(

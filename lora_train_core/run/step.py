@@ -21,6 +21,8 @@ from torch import Tensor
 
 from ..data.captions import process_caption
 from ..model.backend import TextConditioning
+from ..objective.flow import flow_target, noisy_flow_input, sample_sigmas
+from ..objective.flow_loss import flow_training_loss, guidance_scale_for
 from ..objective.loss import training_loss
 from ..objective.noise import add_noise, perturbed_noise, sample_noise, sample_timesteps, velocity_target
 from ..optim.ema import LoraEMA
@@ -40,13 +42,18 @@ class StepContext:
     dataset: object  # the Dataset
     latents: object  # CachedLatents or OnTheFlyLatents
     recipe: object  # the TrainingRecipe
-    alphas_cumprod: Tensor
+    alphas_cumprod: Tensor | None  # the DDPM schedule; None for a flow-matching model
     dist: DataParallel
     graphed: bool  # speed.cuda_graph: forward and backward replay from recorded graphs
 
     @property
     def amp_dtype(self) -> torch.dtype | None:
         return MIXED_PRECISION[self.recipe.train.mixed_precision]
+
+    @property
+    def is_flow(self) -> bool:
+        """The model is trained with the flow-matching objective (objective/flow.py)."""
+        return self.backend.prediction_type == "flow"
 
 
 @dataclass
@@ -70,12 +77,17 @@ class RandomSources:
 
 @dataclass(frozen=True)
 class Batch:
-    """A global batch as drawn; each process computes its share of the rows."""
+    """A global batch as drawn; each process computes its share of the rows.
+
+    timesteps: DDPM's integer t, or a flow model's σ ∈ [0, 1] (float32).
+    guidance: the guidance input per sample (Flux-dev), else None.
+    """
 
     noisy: Tensor
     timesteps: Tensor
     target: Tensor
     size_conditioning: Tensor
+    guidance: Tensor | None
     captions: list[str]
     indices: list[int]
 
@@ -91,15 +103,34 @@ def draw_batch(ctx: StepContext, indices, epoch: int, rng: RandomSources) -> Bat
         for image in (ctx.dataset.images[i] for i in indices)
     ]
     noise = sample_noise(latents, recipe.noise, rng.generator)
-    timesteps = sample_timesteps(len(indices), recipe.noise, rng.generator, device)
-    noisy = add_noise(
-        latents, perturbed_noise(noise, recipe.noise, rng.generator), timesteps, ctx.alphas_cumprod
-    )
-    if ctx.backend.prediction_type == "v_prediction":
-        target = velocity_target(latents, noise, timesteps, ctx.alphas_cumprod)
+    if ctx.is_flow:
+        noisy, timesteps, target = _flow_draws(ctx, latents, noise, rng)
     else:
-        target = noise
-    return Batch(noisy, timesteps, target, size_cond, captions, list(indices))
+        noisy, timesteps, target = _ddpm_draws(ctx, latents, noise, rng)
+    guidance = guidance_scale_for(recipe.flow, ctx.backend.family_spec) if ctx.is_flow else None
+    if guidance is not None:
+        guidance = torch.full((len(indices),), guidance, dtype=torch.float32, device=device)
+    return Batch(noisy, timesteps, target, size_cond, guidance, captions, list(indices))
+
+
+def _ddpm_draws(ctx: StepContext, latents: Tensor, noise: Tensor, rng: RandomSources):
+    """t ~ U{min, …, max − 1}; x_t = √ā·x0 + √(1 − ā)·ε'; target ε or v (kohya's order of draws)."""
+    cfg = ctx.recipe.noise
+    timesteps = sample_timesteps(len(latents), cfg, rng.generator, latents.device)
+    noisy = add_noise(latents, perturbed_noise(noise, cfg, rng.generator), timesteps, ctx.alphas_cumprod)
+    if ctx.backend.prediction_type == "v_prediction":
+        return noisy, timesteps, velocity_target(latents, noise, timesteps, ctx.alphas_cumprod)
+    return noisy, timesteps, noise
+
+
+def _flow_draws(ctx: StepContext, latents: Tensor, noise: Tensor, rng: RandomSources):
+    """σ by flow.timestep_sampling; x_t = (1 − σ)·x0 + σ·ε'; target ε − x0 (kohya flux_train_utils
+    `get_noisy_model_input_and_timesteps`, its order of draws)."""
+    sigmas = sample_sigmas(
+        len(latents), ctx.recipe.flow, rng.generator, latents.device, tuple(latents.shape[-2:])
+    )
+    noisy = noisy_flow_input(latents, perturbed_noise(noise, ctx.recipe.noise, rng.generator), sigmas)
+    return noisy, sigmas, flow_target(latents, noise)
 
 
 def autocast(ctx: StepContext):
@@ -132,6 +163,7 @@ def loss_and_backward(
     hidden: Tensor,
     pooled: Tensor | None,
     size_cond: Tensor,
+    guidance: Tensor | None,
     target: Tensor,
     weights: Tensor | None,
     loss_weight: Tensor,
@@ -142,10 +174,13 @@ def loss_and_backward(
     """
     backend, recipe = ctx.backend, ctx.recipe
     with autocast(ctx):
-        pred = backend.predict(noisy, timesteps, TextConditioning(hidden, pooled), size_cond)
-    loss = training_loss(
-        pred, target, timesteps, ctx.alphas_cumprod, backend.prediction_type, recipe.loss, weights
-    )
+        pred = backend.predict(noisy, timesteps, TextConditioning(hidden, pooled), size_cond, guidance)
+    if ctx.is_flow:
+        loss = flow_training_loss(pred, target, noisy, timesteps, recipe.flow, recipe.loss, weights)
+    else:
+        loss = training_loss(
+            pred, target, timesteps, ctx.alphas_cumprod, backend.prediction_type, recipe.loss, weights
+        )
     loss = loss * loss_weight
     scaler.scale(loss / recipe.train.gradient_accumulation_steps).backward()
     return loss.detach()
@@ -227,6 +262,7 @@ def forward_backward(
         text.hidden,
         text.pooled,
         batch.size_conditioning[mine],
+        None if batch.guidance is None else batch.guidance[mine],
         batch.target[mine],
         loss_weights(ctx, batch.indices[mine]),
         torch.full((), dist.loss_weight(len(indices)), device=device),

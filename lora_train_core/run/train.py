@@ -26,6 +26,7 @@ from ..data.latent_cache import CachedLatents, OnTheFlyLatents, check_cacheable_
 from ..errors import ConfigError, check_choice, check_int
 from ..model.backend import Backend
 from ..model.network import LoRANetwork, NetworkConfig, is_conv_kxk
+from ..objective.flow import FlowConfig
 from ..objective.loss import LossConfig, rescale_zero_terminal_snr
 from ..objective.noise import NoiseConfig
 from ..optim.ema import EMAConfig, LoraEMA
@@ -112,6 +113,7 @@ class TrainingRecipe:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     noise: NoiseConfig = field(default_factory=NoiseConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    flow: FlowConfig = field(default_factory=FlowConfig)  # the flow-matching objective's options
     captions: CaptionConfig = field(default_factory=CaptionConfig)
     ema: EMAConfig = field(default_factory=EMAConfig)
     blocks: BlockWeights | None = None
