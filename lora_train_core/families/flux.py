@@ -16,6 +16,9 @@ Guidance: only dev has a guidance embedding; kohya's docs train it with 1.0
 
 from __future__ import annotations
 
+from torch import nn
+
+from ..model.kohya_keys import UNET_PREFIX, LoraTarget
 from . import ModelFamily
 
 _COMMON = dict(
@@ -56,3 +59,72 @@ FLUX_SCHNELL = ModelFamily(
 )
 
 FAMILIES = (FLUX_DEV, FLUX_SCHNELL)
+
+
+# --- LoRA targets: kohya's default for Flux (networks/lora_flux.py, FLOW_FACTS §2.1) ------------
+# Every Linear inside a DoubleStreamBlock or SingleStreamBlock of BFL's layout, named by its native
+# path; the final layer and the embedders are not wrapped. diffusers splits some of those Linears:
+# each native module below is listed with the diffusers modules that make it up, in the order of
+# the fused weight's rows (ComfyUI's `flux_to_diffusers`, comfy/utils.py:568-660, FLOW_FACTS §3.4).
+TARGET_BLOCKS = frozenset({"DoubleStreamBlock", "SingleStreamBlock"})
+DOUBLE_BLOCK = (
+    ("img_mod.lin", ("norm1.linear",)),
+    ("img_attn.qkv", ("attn.to_q", "attn.to_k", "attn.to_v")),
+    ("img_attn.proj", ("attn.to_out.0",)),
+    ("img_mlp.0", ("ff.net.0.proj",)),
+    ("img_mlp.2", ("ff.net.2",)),
+    ("txt_mod.lin", ("norm1_context.linear",)),
+    ("txt_attn.qkv", ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj")),
+    ("txt_attn.proj", ("attn.to_add_out",)),
+    ("txt_mlp.0", ("ff_context.net.0.proj",)),
+    ("txt_mlp.2", ("ff_context.net.2",)),
+)
+SINGLE_BLOCK = (
+    ("linear1", ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")),
+    ("linear2", ("proj_out",)),
+    ("modulation.lin", ("norm.linear",)),
+)
+# diffusers' block lists → BFL's, with each one's table
+DIFFUSERS_BLOCKS = (
+    ("transformer_blocks", "double_blocks", DOUBLE_BLOCK),
+    ("single_transformer_blocks", "single_blocks", SINGLE_BLOCK),
+)
+
+
+def native_targets(diffusion_model: nn.Module) -> list[LoraTarget]:
+    """kohya's default Flux targets in a model of BFL's layout (ComfyUI's `comfy.ldm.flux`):
+    every Linear inside the double- and single-stream blocks, `lora_unet_<path with _>`."""
+    targets = []
+    for path, block in diffusion_model.named_modules():
+        if type(block).__name__ not in TARGET_BLOCKS:
+            continue
+        for child_path, child in block.named_modules():
+            if isinstance(child, nn.Linear):
+                name = f"{UNET_PREFIX}_{path}.{child_path}".replace(".", "_")
+                targets.append(LoraTarget(name, child, "unet"))
+    return targets
+
+
+def diffusers_targets(transformer: nn.Module) -> list[LoraTarget]:
+    """The same targets in diffusers' `FluxTransformer2DModel`, under their native kohya names;
+    a native Linear that diffusers splits (qkv, linear1) is one split target over its parts, so
+    the LoRA trained here is the one kohya trains on the fused layer. A member a model lacks
+    (Chroma has no modulation Linears) is skipped, as the native walk finds none there."""
+    targets = []
+    for diffusers_root, native_root, table in DIFFUSERS_BLOCKS:
+        for index, block in enumerate(transformer.get_submodule(diffusers_root)):
+            for native, members in table:
+                parts = [_member(block, m) for m in members]
+                if any(p is None for p in parts):
+                    continue
+                name = f"{UNET_PREFIX}_{native_root}.{index}.{native}".replace(".", "_")
+                targets.append(LoraTarget(name, parts[0], "unet", tuple(parts) if len(parts) > 1 else ()))
+    return targets
+
+
+def _member(block: nn.Module, path: str) -> nn.Module | None:
+    try:
+        module = block.get_submodule(path)
+    except AttributeError:
+        return None
+    return module if isinstance(module, nn.Linear) else None
