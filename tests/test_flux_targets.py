@@ -72,3 +72,61 @@ def test_a_split_target_saves_as_one_fused_kohya_lora(real_size):
     shapes = {k: tuple(v.shape) for k, v in network.state_dict().items() if not k.endswith("alpha")}
     assert shapes["lora_unet_single_blocks_0_linear1.lora_down.weight"] == (4, HIDDEN)
     assert shapes["lora_unet_single_blocks_0_linear1.lora_up.weight"] == (3 * HIDDEN + MLP, 4)
+
+
+def tiny_transformer() -> FluxTransformer2DModel:
+    torch.manual_seed(0)
+    return FluxTransformer2DModel(
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=16,
+        pooled_projection_dim=16,
+        axes_dims_rope=(2, 2, 4),
+        guidance_embeds=True,
+    )
+
+
+class _Targets:
+    """What merge_into_backend asks of a backend: the family and the LoRA targets."""
+
+    family = "flux_dev"
+
+    def __init__(self, transformer):
+        self.transformer = transformer
+
+    def lora_targets(self, include_conv, unet, text_encoder):
+        return diffusers_targets(self.transformer)
+
+
+def test_merging_a_fused_lora_into_split_layers_adds_each_part_its_rows():
+    from lora_train_core.outputs.merge import merge_into_backend
+
+    transformer = tiny_transformer()
+    attn = transformer.single_transformer_blocks[0].attn
+    parts = [attn.to_q, attn.to_k, attn.to_v, transformer.single_transformer_blocks[0].proj_mlp]
+    before = torch.cat([p.weight.detach().clone() for p in parts])
+    down, up = torch.randn(4, 16), torch.randn(before.shape[0], 4)
+    sd = {
+        "lora_unet_single_blocks_0_linear1.lora_down.weight": down,
+        "lora_unet_single_blocks_0_linear1.lora_up.weight": up,
+        "lora_unet_single_blocks_0_linear1.alpha": torch.tensor(2.0),
+    }
+    merge_into_backend(_Targets(transformer), sd, multiplier=0.5)
+    after = torch.cat([p.weight.detach() for p in parts])
+    torch.testing.assert_close(after - before, 0.5 * (2.0 / 4) * up @ down)
+
+
+def test_a_flux_lora_merges_with_flux_loras_only():
+    from lora_train_core.errors import ConfigError
+    from lora_train_core.outputs.merge import check_same_architecture
+
+    flux = {
+        "lora_te1_text_model_encoder_layers_0_mlp_fc1.alpha": 1,
+        "lora_unet_double_blocks_0_img_attn_qkv.alpha": 1,
+    }
+    sdxl = {"lora_unet_input_blocks_4_1_proj_in.alpha": 1}
+    check_same_architecture(["a", "b"], [flux, dict(flux)])
+    with pytest.raises(ConfigError, match=r"Flux\.1-dev / Flux\.1-schnell in a .*SDXL in b"):
+        check_same_architecture(["a", "b"], [flux, sdxl])

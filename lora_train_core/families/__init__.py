@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass
 
 from ..errors import check_choice
-from ..model.kohya_keys import TEXT_ENCODER_COMPONENTS, UNetLayout
+from ..model.kohya_keys import TEXT_ENCODER_COMPONENTS, UNET_BLOCK_ROOTS, UNetLayout
 
 UNET_NAMES = ("diffusers", "sgm", "native")
 OBJECTIVES = ("ddpm", "flow")
@@ -78,6 +78,8 @@ class ModelFamily:
     default_guidance_scale: what `flow.guidance_scale` is when unset (kohya's docs: 1.0 to train
         Flux-dev); None for a family without a guidance input.
     kohya_model_type: kohya's `ss_model_type` ("flux", "chroma"); "" where kohya writes none.
+    native_block_roots: for "native" names, the top-level block lists kohya's UNet names start with
+        (Flux: double_blocks, single_blocks); the UNets' come from their naming (kohya_keys).
     """
 
     name: str
@@ -103,6 +105,7 @@ class ModelFamily:
     guidance_input: bool = False
     default_guidance_scale: float | None = None
     kohya_model_type: str = ""
+    native_block_roots: tuple[str, ...] = ()
 
     def __post_init__(self):
         if not re.fullmatch(r"[a-z][a-z0-9_]*", self.name):
@@ -129,8 +132,15 @@ class ModelFamily:
             raise ValueError(
                 f"ModelFamily {self.name}: unet_names 'native' (a DiT) has no UNet layout; others need one"
             )
+        if (self.unet_names == "native") != bool(self.native_block_roots):
+            raise ValueError(f"ModelFamily {self.name}: native_block_roots goes with unet_names 'native'")
         if self.guidance_input != (self.default_guidance_scale is not None):
             raise ValueError(f"ModelFamily {self.name}: default_guidance_scale goes with guidance_input")
+
+    @property
+    def unet_block_roots(self) -> tuple[str, ...]:
+        """The top-level modules every kohya `lora_unet_*` name of this family starts with."""
+        return self.native_block_roots or UNET_BLOCK_ROOTS[self.unet_names]
 
     @property
     def is_flow(self) -> bool:

@@ -40,6 +40,7 @@ _COMMON = dict(
     diffusers_pipeline="FluxPipeline",
     objective="flow",
     kohya_model_type="flux",
+    native_block_roots=("double_blocks", "single_blocks"),
 )
 
 FLUX_DEV = ModelFamily(

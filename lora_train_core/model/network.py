@@ -95,8 +95,10 @@ class LoRAModule(nn.Module):
     org_module may also be a sequence of Linears that read the same input and together make up
     one fused layer (diffusers' split q/k/v of Flux's fused qkv; `LoraTarget.parts`): then
     lora_up is Linear(r, Σ out) and each part adds its own rows of up·down(x). That is exactly the
-    LoRA kohya trains on the fused layer, saved under the fused layer's name with no rescaling. The
-    parts share one down(x) (one dropout draw) while they are called with the same input tensor.
+    LoRA kohya trains on the fused layer, saved under the fused layer's name with no rescaling. With
+    a dropout on, the parts share one down(x) (one draw, as the fused layer makes) while they are
+    called with the same input tensor; without, each computes it (the same value, and no Python
+    state between calls for torch.compile or a CUDA graph to trace).
 
     The parameters are float32 whatever the wrapped module's dtype: LoRA updates
     are tiny next to the weights and would round away in bf16. The input is cast
@@ -231,13 +233,17 @@ class LoRAModule(nn.Module):
     def _part_forward(self, i: int, x: Tensor) -> Tensor:
         """Part i of a split module: its own output plus its rows of up·down(x)."""
         org_out = self._org_forwards[i](x)
-        lx, scale = self._shared_down(x)
+        lx, scale = self._shared_down(x) if self._draws_dropout else self._down(x)
         if lx is None:
             return org_out
         start, stop = self._rows[i]
         up = self.lora_up.weight[start:stop]
         lora = F.linear(lx, up.to(lx.dtype)) if lx.dtype != up.dtype else F.linear(lx, up)
         return org_out + (lora * (self.multiplier * scale)).to(org_out.dtype)
+
+    @property
+    def _draws_dropout(self) -> bool:
+        return self.training and (self.dropout > 0 or self.rank_dropout > 0 or self.module_dropout > 0)
 
     def _shared_down(self, x: Tensor) -> tuple[Tensor | None, float]:
         """down(x) once for all parts called with this very tensor (the parts of a fused qkv are),

@@ -39,7 +39,7 @@ from torch import Tensor
 
 from ..errors import ConfigError, ModelError, check_choice, check_int
 from ..families import FAMILIES
-from ..model.kohya_keys import UNET_BLOCK_ROOTS, UNET_PREFIX
+from ..model.kohya_keys import UNET_PREFIX
 from .export import SAVE_DTYPES, read_metadata, save_lora
 
 if TYPE_CHECKING:  # loaded only by the merge into a model: diffusers is slow to import
@@ -49,15 +49,24 @@ MODES = ("concat", "svd")
 # metadata that names the architecture: inputs must agree on it, the merged file keeps it
 ARCHITECTURE_KEYS = ("ss_base_model_version", "ss_v2", "modelspec.architecture")
 _SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha")
-# kohya's prefixes tell the families apart: their text encoders' and their UNet blocks' names
-# (SD1.x/2.x: `lora_te_`, diffusers paths; SDXL: `lora_te1_`/`lora_te2_`, SGM paths)
-_KEY_SCHEMES = {
-    family.title: (
-        *(f"{prefix}_" for prefix in family.text_encoder_prefixes),
-        *(f"{UNET_PREFIX}_{root}_" for root in UNET_BLOCK_ROOTS[family.unet_names]),
-    )
-    for family in FAMILIES.values()
-}
+
+
+# kohya's prefixes tell the architectures apart: their text encoders' and their UNet blocks' names
+# (SD1.x/2.x: `lora_te_`, diffusers paths; SDXL: `lora_te1_`/`lora_te2_`, SGM paths; Flux: `lora_te1_`,
+# native double/single blocks). A key may fit several (`lora_te1_` fits SDXL and Flux); families
+# with the same scheme (Flux dev and schnell) share one entry.
+def _key_schemes() -> dict[str, tuple[str, ...]]:
+    by_prefixes: dict[tuple[str, ...], list[str]] = {}
+    for family in FAMILIES.values():
+        prefixes = (
+            *(f"{prefix}_" for prefix in family.text_encoder_prefixes),
+            *(f"{UNET_PREFIX}_{root}_" for root in family.unet_block_roots),
+        )
+        by_prefixes.setdefault(prefixes, []).append(family.title)
+    return {" / ".join(titles): prefixes for prefixes, titles in by_prefixes.items()}
+
+
+_KEY_SCHEMES = _key_schemes()
 
 
 @dataclass(frozen=True)
@@ -212,18 +221,27 @@ def check_same_architecture(
                 f"merge: the LoRAs were trained for different base models ({key} {listed}); "
                 "merge only LoRAs of one architecture"
             )
-    schemes = {}
+    fits: set[str] = set(_KEY_SCHEMES)  # the architectures every key seen so far fits
+    first: dict[str, tuple[str, str]] = {}  # architecture → the first (file, key) that fits it
     for name, sd in zip(names, state_dicts, strict=True):
         for key in sd:
-            scheme = next((s for s, prefixes in _KEY_SCHEMES.items() if key.startswith(prefixes)), None)
-            if scheme is not None:
-                schemes.setdefault(scheme, (name, key))
-    if len(schemes) > 1:
-        listed = "; ".join(f"{s} in {n} ({k.split('.')[0]})" for s, (n, k) in schemes.items())
-        raise ConfigError(
-            f"merge: the LoRAs use the key names of different architectures: {listed}; "
-            "merge only LoRAs of one architecture"
-        )
+            schemes = {s for s, prefixes in _KEY_SCHEMES.items() if key.startswith(prefixes)}
+            if not schemes:
+                continue
+            for scheme in schemes:
+                first.setdefault(scheme, (name, key))
+            if fits & schemes:
+                fits &= schemes
+                continue
+            earlier = sorted(fits)[0]
+            listed = "; ".join(
+                f"{s} in {n} ({k.split('.')[0]})"
+                for s, (n, k) in ((earlier, first[earlier]), (" or ".join(sorted(schemes)), (name, key)))
+            )
+            raise ConfigError(
+                f"merge: the LoRAs use the key names of different architectures: {listed}; "
+                "merge only LoRAs of one architecture"
+            )
 
 
 def _check_shapes(names: Sequence[str], parsed: Sequence[Mapping[str, tuple[Tensor, Tensor, float]]]):
@@ -249,7 +267,7 @@ def merge_into_backend(
     model untouched. ΔW is added in float32 and rounded once to the weight's dtype.
     """
     found = backend.lora_targets(include_conv=True, unet=True, text_encoder=True)
-    targets = {t.name: t.module for t in found}
+    targets = {t.name: t.modules for t in found}
     deltas = delta_weights(sd)
     unknown = sorted(set(deltas) - set(targets))
     if unknown:
@@ -258,18 +276,24 @@ def merge_into_backend(
             f"{backend.family} model, e.g. {unknown[:5]}; the LoRA was made for another architecture"
         )
     for name, delta in deltas.items():
-        weight = targets[name].weight
+        weights = [m.weight for m in targets[name]]
+        shape = (sum(w.shape[0] for w in weights), *weights[0].shape[1:])
         # a Linear LoRA on a 1×1 conv (or the reverse) differs only by trailing 1×1 dims
-        if delta.shape[:2] != weight.shape[:2] or delta.numel() != weight.numel():
+        if delta.shape[:2] != shape[:2] or delta.numel() != math.prod(shape):
             raise ConfigError(
                 f"merge: {name}: the LoRA's ΔW has shape {tuple(delta.shape)} but the model's weight "
-                f"{tuple(weight.shape)}; the LoRA was made for another model"
+                f"{shape}; the LoRA was made for another model"
             )
     with torch.no_grad():
         for name, delta in deltas.items():
-            weight = targets[name].weight
-            merged = weight.float() + multiplier * delta.to(weight.device).reshape(weight.shape)
-            weight.copy_(merged.to(weight.dtype))
+            # a layer this model splits (diffusers' q/k/v of a fused qkv) takes its rows of ΔW
+            start = 0
+            for module in targets[name]:
+                weight = module.weight
+                rows = delta[start : start + weight.shape[0]]
+                start += weight.shape[0]
+                merged = weight.float() + multiplier * rows.to(weight.device).reshape(weight.shape)
+                weight.copy_(merged.to(weight.dtype))
     return list(deltas)
 
 

@@ -27,10 +27,19 @@ from torch import nn
 from ..errors import ConfigError, check_choice
 
 # kohya / diffusers class names of the blocks a UNet repeats
+# the repeated blocks of each denoiser: the UNets' transformer blocks (diffusers' and ComfyUI's
+# share the name), Flux's double- and single-stream blocks (diffusers' names, then BFL's / ComfyUI's)
+TRANSFORMER_BLOCKS = (
+    "BasicTransformerBlock",
+    "FluxTransformerBlock",
+    "FluxSingleTransformerBlock",
+    "DoubleStreamBlock",
+    "SingleStreamBlock",
+)
 COMPILE_BLOCKS = {
     "none": (),
-    "transformer": ("BasicTransformerBlock",),
-    "transformer+resnet": ("BasicTransformerBlock", "ResnetBlock2D"),
+    "transformer": TRANSFORMER_BLOCKS,
+    "transformer+resnet": (*TRANSFORMER_BLOCKS, "ResnetBlock2D"),
 }
 
 
@@ -39,7 +48,7 @@ class SpeedConfig:
     """[speed] section (see the module docstring for what each option does)."""
 
     cuda_graph: bool = False  # replay forward, loss and backward from one CUDA graph per batch shape
-    compile_blocks: str = "none"  # torch.compile each transformer block (and ResNet block) of the UNet
+    compile_blocks: str = "none"  # torch.compile each transformer block (and ResNet block) of the denoiser
     cudnn_benchmark: bool = False  # cuDNN times its convolution algorithms for each new shape
     fp8_base: bool = False  # keep the frozen UNet's weights in float8 (kohya --fp8_base); changes results
 
