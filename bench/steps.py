@@ -1,10 +1,12 @@
 """The two training steps the benchmark compares, built on the same UNet weights and inputs.
 
 Baseline: the textbook step of diffusers' example LoRA scripts
-(`examples/text_to_image/train_text_to_image_lora.py`): float32 UNet, peft LoRA
-added with `unet.add_adapter`, `torch.autocast(bfloat16)`, MSE against ε,
-`clip_grad_norm_`, `torch.optim.AdamW(fused=True)`, and the loss read back with
-`.item()` every step for the log.
+(`examples/text_to_image/train_text_to_image_lora.py`): the UNet frozen in the mixed-precision
+dtype (`baseline_bf16`, what the example does: `weight_dtype` bf16, LoRA parameters cast back to
+float32) or in float32 (`baseline`, an earlier column kept for comparison), peft LoRA added with
+`unet.add_adapter`, `torch.autocast(bfloat16)`, MSE against ε, `clip_grad_norm_`,
+`torch.optim.AdamW(fused=True)`, and the loss read back with `.item()` every step for the log.
+Flux's steps are in flux_steps.py.
 
 Ours: the core's own step, `lora_train_core.run.step`'s functions as train.py's loop calls
 them (`loss_and_backward`, `checked_loss`, `apply_update`, with a `StepContext` over a
@@ -39,7 +41,8 @@ from lora_train_core.run.speed import SpeedConfig
 from lora_train_core.run.step import StepContext, apply_update, checked_loss, loss_and_backward
 from lora_train_core.run.train import TrainConfig, TrainingRecipe, build_network
 
-from .models import Case, StepInputs, build_unet
+from .flux_steps import build_flux_baseline
+from .models import Case, StepInputs, build_unet, is_flux
 
 RANK = 32
 LEARNING_RATE = 1e-4
@@ -98,15 +101,26 @@ class StepSetup:
     network: LoRANetwork | None = None
 
 
-def build_baseline(case: Case, inputs: StepInputs, device: torch.device, tiny: bool) -> StepSetup:
-    """diffusers' example: float32 UNet + peft LoRA (r = α = 32, kohya's modules) + fused AdamW."""
+def build_baseline(
+    case: Case,
+    inputs: StepInputs,
+    device: torch.device,
+    tiny: bool,
+    weight_dtype: torch.dtype = torch.float32,
+) -> StepSetup:
+    """diffusers' example: `weight_dtype` UNet + peft LoRA (r = α = 32, kohya's modules, float32
+    parameters) + fused AdamW."""
     from diffusers import DDPMScheduler
+    from diffusers.training_utils import cast_training_params
     from peft import LoraConfig
 
-    unet = build_unet(case.family, tiny, device)
+    if is_flux(case.family):
+        return build_flux_baseline(case, inputs, device, tiny, RANK, LEARNING_RATE, weight_dtype)
+    unet = build_unet(case.family, tiny, device).to(weight_dtype)
     unet.add_adapter(
         LoraConfig(r=RANK, lora_alpha=RANK, init_lora_weights="gaussian", target_modules=PEFT_TARGET_MODULES)
     )
+    cast_training_params(unet, dtype=torch.float32)
     if case.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     unet.train()

@@ -96,9 +96,32 @@ def check_speed(recipe, device: torch.device, fp8_base: bool, world_size: int = 
 
 @contextlib.contextmanager
 def speedups(modules: Sequence[nn.Module], speed: SpeedConfig) -> Iterator[None]:
-    """cuDNN autotuning and compiled blocks for the length of a run (cuda_graph is the step's)."""
-    with cudnn_benchmark(speed.cudnn_benchmark), compiled_blocks(modules, speed.compile_blocks):
+    """cuDNN autotuning and compiled blocks for the length of a run (cuda_graph is the step's),
+    always with the attention kernels `without_cudnn_attention` allows."""
+    with (
+        without_cudnn_attention(),
+        cudnn_benchmark(speed.cudnn_benchmark),
+        compiled_blocks(modules, speed.compile_blocks),
+    ):
         yield
+
+
+@contextlib.contextmanager
+def without_cudnn_attention() -> Iterator[None]:
+    """Scaled-dot-product attention may use flash, memory-efficient or math kernels, not cuDNN's,
+    for the length of a run; the previous setting comes back after.
+
+    Measured on an H200 with torch 2.11 (2026-12-01): cuDNN's attention crashed with an illegal
+    memory access in the backward of a real-size Flux.1 step at 1024², where flash and
+    memory-efficient attention ran (tests/test_gpu_attention.py). PyTorch prefers cuDNN's kernel
+    on Hopper when it is enabled, so it is switched off rather than left to chance.
+    """
+    was = torch.backends.cuda.cudnn_sdp_enabled()
+    torch.backends.cuda.enable_cudnn_sdp(False)
+    try:
+        yield
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(was)
 
 
 def compile_blocks(modules: Sequence[nn.Module], which: str) -> list[nn.Module]:
