@@ -1,4 +1,4 @@
-"""Configure Noise, Configure Optimizer and Configure Network: each builds validated core configs.
+"""Configure Noise, Optimizer, Network and Speed: each builds validated core configs.
 
 Widget ids are the core config's field names (kohya's option names), so a
 node passes its widgets straight into the dataclass that validates them.
@@ -18,7 +18,8 @@ from ..lora_train_core.objective.noise import NoiseConfig
 from ..lora_train_core.optim.ema import EMAConfig
 from ..lora_train_core.optim.optimizers import LR_SCHEDULERS, OPTIMIZERS, OptimizerConfig
 from ..lora_train_core.optim.param_groups import BlockWeights
-from .values import CATEGORY, LoraNetwork, LoraNoise, LoraOptimizer, NoiseValue, OptimizerValue
+from ..lora_train_core.run.speed import COMPILE_BLOCKS, SpeedConfig
+from .values import CATEGORY, LoraNetwork, LoraNoise, LoraOptimizer, LoraSpeed, NoiseValue, OptimizerValue
 
 SCHEDULERS = list(LR_SCHEDULERS)
 
@@ -371,3 +372,43 @@ def _numbers(field: str, text: str) -> tuple[float, ...] | None:
         raise ConfigError(
             f"Configure Network: {field} {text!r} is not a comma-separated list of numbers"
         ) from None
+
+
+class ConfigureSpeed(io.ComfyNode):
+    """The core's [speed] options (run/speed.py) in the ComfyUI door. float8 weights are not here:
+    in ComfyUI the loader's weight_dtype decides them (Load Diffusion Model's fp8_e4m3fn)."""
+
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="LoRATrainer_ConfigureSpeed",
+            display_name="Configure Speed",
+            category=f"{CATEGORY}/config",
+            description="Faster steps on an NVIDIA GPU; none changes what a step computes. The first "
+            "steps of each bucket shape are slower (recording; compiling takes 0.5-2 minutes once).",
+            inputs=[
+                io.Boolean.Input(
+                    "cuda_graph",
+                    default=False,
+                    tooltip="Replay forward + backward from one CUDA graph per bucket shape (CUDA only; "
+                    "no text-encoder training, no network dropout, no fp16 model). Holds ~1 GiB more.",
+                ),
+                io.Combo.Input(
+                    "compile_blocks",
+                    options=list(COMPILE_BLOCKS),
+                    default="none",
+                    tooltip="torch.compile each repeated block of the model (transformer blocks; with "
+                    "+resnet also the UNet's ResBlocks).",
+                ),
+                io.Boolean.Input(
+                    "cudnn_benchmark",
+                    default=False,
+                    tooltip="cuDNN times its convolution algorithms per shape.",
+                ),
+            ],
+            outputs=[LoraSpeed.Output(display_name="speed", tooltip="Speed settings, into Train LoRA.")],
+        )
+
+    @classmethod
+    def execute(cls, cuda_graph, compile_blocks, cudnn_benchmark) -> io.NodeOutput:
+        return io.NodeOutput(SpeedConfig(cuda_graph, compile_blocks, cudnn_benchmark))

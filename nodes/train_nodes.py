@@ -19,6 +19,7 @@ from ..lora_train_core.optim.ema import EMAConfig
 from ..lora_train_core.optim.optimizers import OptimizerConfig
 from ..lora_train_core.outputs.export import SAVE_DTYPES, next_free_path, save_dtype, save_lora
 from ..lora_train_core.outputs.loss_plot import render_loss_plot
+from ..lora_train_core.run.speed import SpeedConfig
 from ..lora_train_core.run.stages import StageConfig
 from ..lora_train_core.run.state_files import RECORD_FILE, load_training_state, state_folders
 from ..lora_train_core.run.train import TrainConfig, TrainingRecipe
@@ -31,6 +32,7 @@ from .values import (
     LoraNetwork,
     LoraNoise,
     LoraOptimizer,
+    LoraSpeed,
     LoraStages,
     LoraTrained,
     OptimizerValue,
@@ -177,6 +179,12 @@ class TrainLoRA(io.ComfyNode):
                 LoraNoise.Input(
                     "noise", optional=True, tooltip="From Configure Noise (default: plain noise, L2 loss)."
                 ),
+                LoraSpeed.Input(
+                    "speed",
+                    optional=True,
+                    tooltip="From Configure Speed: CUDA graphs, compiled blocks, cuDNN autotuning "
+                    "(default: off).",
+                ),
             ],
             outputs=[
                 io.Model.Output(
@@ -217,6 +225,7 @@ class TrainLoRA(io.ComfyNode):
         optimizer=None,
         noise=None,
         stages=None,
+        speed=None,
     ) -> io.NodeOutput:
         optimizer = optimizer or OptimizerValue(OptimizerConfig(), EMAConfig(), None)
         recipe = TrainingRecipe(
@@ -236,6 +245,7 @@ class TrainLoRA(io.ComfyNode):
             captions=latents.buckets.data.captions,
             ema=optimizer.ema,
             blocks=optimizer.blocks,
+            speed=speed or SpeedConfig(),
         )
         prompts = parse_prompts(sample_prompts)
         if prompts and vae is None:

@@ -30,6 +30,7 @@ LoraOptimizer = io.Custom("LORA_OPTIMIZER")
 LoraNetwork = io.Custom("LORA_NETWORK")
 LoraTrained = io.Custom("LORA_TRAINED")
 LoraStages = io.Custom("LORA_STAGES")
+LoraSpeed = io.Custom("LORA_SPEED")  # a run.speed.SpeedConfig
 
 CATEGORY = "LoRA Training"
 

@@ -39,7 +39,8 @@ TRANSFORMER_BLOCKS = (
 COMPILE_BLOCKS = {
     "none": (),
     "transformer": TRANSFORMER_BLOCKS,
-    "transformer+resnet": (*TRANSFORMER_BLOCKS, "ResnetBlock2D"),
+    # diffusers' ResNet block, then ComfyUI's (comfy.ldm.modules.diffusionmodules.openaimodel)
+    "transformer+resnet": (*TRANSFORMER_BLOCKS, "ResnetBlock2D", "ResBlock"),
 }
 
 

@@ -44,6 +44,7 @@ PACK_NODES = frozenset(
         "ConfigureNoise",
         "ConfigureOptimizer",
         "ConfigureNetwork",
+        "ConfigureSpeed",
         "TrainLoRA",
         "EMAExport",
         "LossPlot",

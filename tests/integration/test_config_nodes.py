@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-CONFIG_NODES = ("ConfigureNoise", "ConfigureOptimizer", "ConfigureNetwork")
+CONFIG_NODES = ("ConfigureNoise", "ConfigureOptimizer", "ConfigureNetwork", "ConfigureSpeed")
 
 
 def _schema_defaults(node_class) -> dict:

@@ -11,6 +11,7 @@ REQUIRED_NODE_IDS = [
     "LoRATrainer_ConfigureNoise",
     "LoRATrainer_ConfigureOptimizer",
     "LoRATrainer_ConfigureNetwork",
+    "LoRATrainer_ConfigureSpeed",
     "LoRATrainer_TrainLoRA",
     "LoRATrainer_EMAExport",
     "LoRATrainer_LossPlot",
