@@ -74,6 +74,12 @@ _BRANCHES = [
         "eager+compile_transformer",
         {"fp8_base": True, "optimizer_type": "AdamW8bit"},
     ),
+    # the ComfyUI door (comfy_door.py): the same step over ComfyUI's own model of the family
+    ("comfy_core", "ours_core", {"door": "comfy"}),
+    ("comfy+speed", "+compile_transformer", {"door": "comfy"}),
+    ("comfy+speed_resnet", "+compile_resnet", {"door": "comfy"}),
+    ("comfy_eager+fp8", "ours_core", {"door": "comfy", "fp8_base": True}),
+    ("comfy+speed_fp8", "+compile_transformer", {"door": "comfy", "fp8_base": True}),
 ]
 
 

@@ -19,6 +19,7 @@ generator seeded alike, so they see the same noise and timesteps.
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from functools import partial
@@ -31,14 +32,23 @@ from lora_train_core.model.backend import TextConditioning
 from lora_train_core.model.diffusers_backend import DiffusersBackend
 from lora_train_core.model.network import LoRAModule, LoRANetwork, NetworkConfig
 from lora_train_core.model.tiny_models import tiny_components
-from lora_train_core.objective.noise import add_noise, perturbed_noise, sample_noise, sample_timesteps
+from lora_train_core.objective.flow_loss import guidance_scale_for
+from lora_train_core.objective.noise import sample_noise
 from lora_train_core.optim.optimizers import OptimizerConfig, build_optimizer
 from lora_train_core.optim.param_groups import build_param_groups
 from lora_train_core.optim.schedule import build_lr_scheduler
 from lora_train_core.run.cuda_graphs import GraphedBackward
 from lora_train_core.run.distributed import SINGLE_PROCESS, DataParallel
 from lora_train_core.run.speed import SpeedConfig
-from lora_train_core.run.step import StepContext, apply_update, checked_loss, loss_and_backward
+from lora_train_core.run.step import (
+    RandomSources,
+    StepContext,
+    _ddpm_draws,
+    _flow_draws,
+    apply_update,
+    checked_loss,
+    loss_and_backward,
+)
 from lora_train_core.run.train import TrainConfig, TrainingRecipe, build_network
 
 from .flux_steps import build_flux_baseline
@@ -76,7 +86,10 @@ class FastPath:
         input buffers.
     compile: speed.compile_blocks: torch.compile each block named in COMPILE_BLOCKS[compile].
     optimizer_type: an OptimizerConfig optimizer_type (AdamW is fused on CUDA).
-    fp8_base: speed.fp8_base: the frozen Linear/Conv2d weights stored as float8 e4m3fn.
+    fp8_base: speed.fp8_base: the frozen Linear/Conv2d weights stored as float8 e4m3fn (in the
+        ComfyUI door: as its loaders store them with weight_dtype fp8_e4m3fn, manual cast).
+    door: "cli", the core's diffusers backend, or "comfy", the pack's ComfyBackend over ComfyUI's
+        own model of the family (comfy_door.py; needs COMFYUI_DIR).
     """
 
     autocast: bool = True
@@ -88,6 +101,7 @@ class FastPath:
     compile: str = "none"
     optimizer_type: str = "AdamW"
     fp8_base: bool = False
+    door: str = "cli"
 
 
 @dataclass
@@ -162,20 +176,7 @@ def build_ours(
 ) -> StepSetup:
     """lora_train_core's step on a frozen `weight_dtype` UNet, built as train() builds it, with the
     options of `fast`; with several processes (`dist`) the gradients are averaged every step."""
-    # The step runs only the UNet: the bench stands in for cached latents and text-encoder
-    # outputs, so the backend's VAE and text encoders are the tiny ones (built first: build_unet
-    # reseeds, so the UNet and LoRA weights do not depend on them).
-    _, vae, text_encoders, tokenizers = tiny_components(case.family)
-    backend = DiffusersBackend(
-        build_unet(case.family, tiny, device),
-        vae,
-        text_encoders,
-        tokenizers,
-        family=case.family,
-        device=device,
-        weight_dtype=weight_dtype,
-        fp8_base=fast.fp8_base,
-    )
+    backend = _backend(case, device, tiny, fast, weight_dtype)
     recipe = TrainingRecipe(
         TrainConfig(
             mixed_precision="bf16" if fast.autocast else "no",
@@ -191,7 +192,7 @@ def build_ours(
             cuda_graph=fast.cuda_graph,
             compile_blocks=fast.compile,
             cudnn_benchmark=fast.cudnn_benchmark,
-            fp8_base=fast.fp8_base,
+            fp8_base=fast.fp8_base and fast.door == "cli",  # ComfyUI: the loader's weight dtype
         ),
     )
     network = build_network(backend, recipe)
@@ -233,7 +234,34 @@ def build_ours(
         host_sync=fast.host_sync,
         channels_last=fast.channels_last,
     )
-    return StepSetup(backend.unet, params, optimizer, step, network)
+    return StepSetup(_denoiser(backend), params, optimizer, step, network)
+
+
+def _backend(case: Case, device: torch.device, tiny: bool, fast: FastPath, weight_dtype: torch.dtype):
+    """The backend of `fast.door` around a real-size (or tiny) denoiser of the case's family."""
+    if fast.door == "comfy":
+        from .comfy_door import build_comfy_backend
+
+        return build_comfy_backend(case.family, tiny, device, weight_dtype, fast.fp8_base)
+    # The step runs only the UNet: the bench stands in for cached latents and text-encoder
+    # outputs, so the backend's VAE and text encoders are the tiny ones (built first: build_unet
+    # reseeds, so the UNet and LoRA weights do not depend on them).
+    _, vae, text_encoders, tokenizers = tiny_components(case.family)
+    return DiffusersBackend(
+        build_unet(case.family, tiny, device),
+        vae,
+        text_encoders,
+        tokenizers,
+        family=case.family,
+        device=device,
+        weight_dtype=weight_dtype,
+        fp8_base=fast.fp8_base,
+    )
+
+
+def _denoiser(backend) -> nn.Module:
+    """The module the speed options compile: the UNet / transformer of either door's backend."""
+    return backend.diffusion_model if hasattr(backend, "diffusion_model") else backend.unet
 
 
 def _train_mode(backend: DiffusersBackend, network: LoRANetwork, recipe: TrainingRecipe) -> None:
@@ -287,13 +315,18 @@ class OurStep:
         return self.update(self.ctx.dist.mean(self.backward(*self.draw(generator))))
 
     def draw(self, generator: torch.Generator) -> tuple[Tensor | None, ...]:
-        """`loss_and_backward`'s inputs for one batch (ε-prediction: the target is the noise)."""
+        """`loss_and_backward`'s inputs for one batch, drawn by draw_batch's own functions: DDPM
+        t, x_t and ε or v, or flow σ, x_t and ε − x0 with the guidance input."""
         ctx, latents = self.ctx, self.latents
         noise = sample_noise(latents, ctx.recipe.noise, generator)
-        timesteps = sample_timesteps(latents.shape[0], ctx.recipe.noise, generator, latents.device)
-        noisy = add_noise(
-            latents, perturbed_noise(noise, ctx.recipe.noise, generator), timesteps, ctx.alphas_cumprod
-        )
+        rng = RandomSources(generator, random.Random(0))  # captions are not drawn here
+        draws = _flow_draws if ctx.is_flow else _ddpm_draws
+        noisy, timesteps, target = draws(ctx, latents, noise, rng)
+        guidance = None
+        if ctx.is_flow:
+            value = guidance_scale_for(ctx.recipe.flow, ctx.backend.family_spec)
+            if value is not None:
+                guidance = torch.full((len(latents),), value, device=latents.device)
         if self.channels_last:
             noisy = noisy.contiguous(memory_format=torch.channels_last)
         # every process computes an equal share of the global batch
@@ -304,8 +337,8 @@ class OurStep:
             self.text.hidden,
             self.text.pooled,
             self.size_conditioning,
-            None,  # no guidance input (SD families)
-            noise,
+            guidance,
+            target,
             None,  # every sample's loss weight is 1
             torch.full((), loss_weight, device=latents.device),
         )
