@@ -259,3 +259,41 @@ def test_cli_merge_into_a_model_folder_adds_the_delta_to_the_weights(tmp_path, c
     assert (out / "vae").is_dir() and (out / "model_index.json").is_file()
     assert main(["merge", f"{lora}:0.5", "--into-model", str(model), "--out", str(out)]) == 2
     assert "--overwrite" in capsys.readouterr().err
+
+
+# --- Flux: fused kohya keys (qkv, linear1) merge as any Linear LoRA ----------------------------------
+FLUX_QKV, FLUX_LINEAR1 = "lora_unet_double_blocks_0_img_attn_qkv", "lora_unet_single_blocks_0_linear1"
+FLUX_DEV_META = {"ss_base_model_version": "flux1", "modelspec.architecture": "flux-1-dev/lora"}
+
+
+def _flux_lora(seed, rank, alpha, hidden=8):
+    g, sd = torch.Generator().manual_seed(seed), {}
+    _module(sd, FLUX_QKV, out=3 * hidden, inp=hidden, rank=rank, alpha=alpha, generator=g)
+    _module(sd, FLUX_LINEAR1, out=7 * hidden, inp=hidden, rank=rank, alpha=alpha, generator=g)
+    return sd
+
+
+def test_merge_lora_files_merges_fused_flux_modules_exactly_and_keeps_the_architecture(tmp_path):
+    from lora_train_core.outputs.merge import merge_lora_files
+
+    a, b = _flux_lora(1, rank=2, alpha=1.0), _flux_lora(2, rank=4, alpha=8.0)
+    pa = save_lora(tmp_path / "a.safetensors", a, FLUX_DEV_META, torch.float32)
+    pb = save_lora(tmp_path / "b.safetensors", b, FLUX_DEV_META, torch.float32)
+    out, _ = merge_lora_files([(pa, 0.7), (pb, -0.4)], tmp_path / "c.safetensors", save_precision="fp32")
+    merged = load_file(out)
+    assert {k.split(".")[0] for k in merged} == {FLUX_QKV, FLUX_LINEAR1}
+    for name in (FLUX_QKV, FLUX_LINEAR1):
+        expected = _expected_sum(a, b, 0.7, -0.4, name)
+        torch.testing.assert_close(_plain_delta(merged, name), expected, rtol=1e-5, atol=1e-5)
+    meta = read_metadata(out)
+    assert {k: meta[k] for k in FLUX_DEV_META} == FLUX_DEV_META
+
+
+def test_merging_flux_dev_with_flux_schnell_loras_is_refused_naming_both(tmp_path):
+    from lora_train_core.outputs.merge import merge_lora_files
+
+    schnell = FLUX_DEV_META | {"modelspec.architecture": "flux-1-schnell/lora"}
+    pa = save_lora(tmp_path / "a.safetensors", _flux_lora(1, 2, 1.0), FLUX_DEV_META, torch.float32)
+    pb = save_lora(tmp_path / "b.safetensors", _flux_lora(2, 2, 1.0), schnell, torch.float32)
+    with pytest.raises(ConfigError, match=r"different base models .*flux-1-dev/lora.*flux-1-schnell/lora"):
+        merge_lora_files([(pa, 1.0), (pb, 1.0)], tmp_path / "c.safetensors")

@@ -16,6 +16,8 @@ from ..data.buckets import BucketPlan
 from ..data.captions import tag_frequency
 from ..data.dataset import Dataset, ImageRecord
 from ..families import ModelFamily, get_family
+from ..objective.flow import FlowConfig
+from ..objective.flow_loss import guidance_scale_for
 
 
 def _s(value: Any) -> str:
@@ -172,10 +174,36 @@ def training_metadata(
         "ss_scale_v_pred_loss_like_noise_pred": loss.scale_v_pred_loss_like_noise_pred,
         "ss_ema": dataclasses.asdict(recipe.ema) if recipe.ema.enabled else None,
     }
+    if spec.is_flow:
+        meta.update(_flow_record(recipe.flow, spec))
     if model_hash is not None:
         meta["ss_new_sd_model_hash"] = model_hash
     meta.update(_modelspec(spec, prediction_type, output_name, bucket_cfg, finished_at))
     return {k: _s(v) for k, v in meta.items()}
+
+
+def _flow_record(flow: FlowConfig, family: ModelFamily) -> dict[str, Any]:
+    """What kohya's Flux trainer adds to the record (flux_train_network.py `update_metadata`), on
+    top of the keys its base trainer writes for every family (ss_v2, ss_min_snr_gamma, ... stay).
+
+    `ss_guidance_scale` is the value the model was fed: the family's default when unset, and None
+    for a model without a guidance input (kohya writes its argparse 3.5 there, which schnell
+    ignores). `ss_apply_t5_attn_mask` is False because neither door masks T5's padding (diffusers'
+    FluxPipeline and ComfyUI's Flux T5 both encode unmasked), kohya's default; there is no option.
+    """
+    return {
+        "ss_model_type": family.kohya_model_type,
+        "ss_apply_t5_attn_mask": False,
+        "ss_weighting_scheme": flow.weighting_scheme,
+        "ss_logit_mean": flow.logit_mean,
+        "ss_logit_std": flow.logit_std,
+        "ss_mode_scale": flow.mode_scale,
+        "ss_guidance_scale": guidance_scale_for(flow, family),
+        "ss_timestep_sampling": flow.timestep_sampling,
+        "ss_sigmoid_scale": flow.sigmoid_scale,
+        "ss_model_prediction_type": flow.model_prediction_type,
+        "ss_discrete_flow_shift": flow.discrete_flow_shift,
+    }
 
 
 def _optimizer_record(opt) -> str:
@@ -187,15 +215,19 @@ def _modelspec(
     family: ModelFamily, prediction_type: str, title: str, bucket_cfg, finished_at: float
 ) -> dict[str, str]:
     width, height = bucket_cfg.resolution
-    return {
+    spec = {
         "modelspec.sai_model_spec": "1.0.0",
         "modelspec.architecture": family.modelspec_architecture,
         "modelspec.implementation": family.modelspec_implementation,
         "modelspec.title": title,
         "modelspec.resolution": f"{width}x{height}",
-        "modelspec.prediction_type": "v" if prediction_type == "v_prediction" else "epsilon",
-        "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(finished_at)),
     }
+    # kohya writes no prediction type for Flux (sai_model_spec.py build_metadata_dataclass): the
+    # SAI spec's values (epsilon, v) do not describe a flow model
+    if not family.is_flow:
+        spec["modelspec.prediction_type"] = "v" if prediction_type == "v_prediction" else "epsilon"
+    spec["modelspec.date"] = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(finished_at))
+    return spec
 
 
 def run_metadata(
