@@ -52,7 +52,7 @@ from lora_train_core.run.step import (
 from lora_train_core.run.train import TrainConfig, TrainingRecipe, build_network
 
 from .flux_steps import build_flux_baseline
-from .models import Case, StepInputs, build_unet, is_flux
+from .models import Case, StepInputs, build_flux_transformer, build_unet, is_flux
 
 RANK = 32
 LEARNING_RATE = 1e-4
@@ -246,9 +246,18 @@ def _backend(case: Case, device: torch.device, tiny: bool, fast: FastPath, weigh
     # The step runs only the UNet: the bench stands in for cached latents and text-encoder
     # outputs, so the backend's VAE and text encoders are the tiny ones (built first: build_unet
     # reseeds, so the UNet and LoRA weights do not depend on them).
-    _, vae, text_encoders, tokenizers = tiny_components(case.family)
-    return DiffusersBackend(
-        build_unet(case.family, tiny, device),
+    if is_flux(case.family):
+        from lora_train_core.model.flux_backend import FluxBackend
+        from lora_train_core.model.tiny_flux import tiny_flux_components
+
+        _, vae, text_encoders, tokenizers = tiny_flux_components(case.family)
+        torch.manual_seed(0)  # as build_unet seeds; made in weight_dtype: 12 B float32 weights hold 48 GB
+        unet, backend_class = build_flux_transformer(tiny, device, weight_dtype), FluxBackend
+    else:
+        _, vae, text_encoders, tokenizers = tiny_components(case.family)
+        unet, backend_class = build_unet(case.family, tiny, device), DiffusersBackend
+    return backend_class(
+        unet,
         vae,
         text_encoders,
         tokenizers,
