@@ -124,13 +124,13 @@ def test_detection_reads_the_transformer_config_and_never_the_weights(model_dirs
 @pytest.mark.parametrize(
     ("folder", "family", "message"),
     [
-        ("sd15", "flux", "is a SD1.x/2.x model ('sd15'), but model.family is 'flux'"),
+        ("sd15", "flux", "holds a 'sd15' model (SD1.x/2.x), but model.family is 'flux'"),
         (
             "flux_dev",
             "flux_schnell",
-            "is a Flux.1-dev model ('flux_dev'), but model.family is 'flux_schnell'",
+            "holds a 'flux_dev' model (Flux.1-dev), but model.family is 'flux_schnell'",
         ),
-        ("chroma", "flux", "is a Chroma model ('chroma'), but model.family is 'flux'"),
+        ("chroma", "flux", "holds a 'chroma' model (Chroma), but model.family is 'flux'"),
     ],
 )
 def test_a_family_that_does_not_match_the_folder_is_refused_naming_both(model_dirs, folder, family, message):
@@ -221,7 +221,7 @@ def no_model_load(monkeypatch):
 @pytest.mark.parametrize(
     ("folder", "family", "extra", "message"),
     [
-        ("sd15", "flux", "", "is a SD1.x/2.x model ('sd15'), but model.family is 'flux'"),
+        ("sd15", "flux", "", "holds a 'sd15' model (SD1.x/2.x), but model.family is 'flux'"),
         (
             "flux_schnell",
             "flux",

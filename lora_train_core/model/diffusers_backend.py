@@ -272,7 +272,7 @@ def _checked_family(cfg: ModelConfig) -> str:
     family = detect_family(path)
     if cfg.family not in ("auto", family, *_groups_of(family)):
         raise ModelError(
-            f"model.path: {str(path)!r} is a {get_family(family).title} model ({family!r}), but "
+            f"model.path: {str(path)!r} holds a {family!r} model ({get_family(family).title}), but "
             f"model.family is {cfg.family!r}; set model.family = {family!r} or 'auto'"
         )
     spec = get_family(family)
