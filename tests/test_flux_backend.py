@@ -374,3 +374,19 @@ def test_the_fused_export_loaded_by_diffusers_converter_gives_our_lora_output(fa
         ours, tiny_flux_backend(family, seed=1).predict(noisy, sigma, text, None, guidance)
     )
     torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-4)
+
+
+def test_the_text_cache_keeps_chromas_attention_mask_on_disk(tmp_path):
+    from lora_train_core.data.text_cache import CachedTextEncoder
+
+    backend = tiny_flux_backend("chroma")
+    captions = ["a red circle", "a blue square, flat colors"]
+    CachedTextEncoder(backend, tmp_path).prefill(captions)
+    reread = CachedTextEncoder(backend, tmp_path)
+    reread.prefill(captions)
+    assert reread.encoded_count == 0  # every row came from disk
+    with torch.no_grad():
+        direct = backend.encode_text(captions)
+    cached = reread.encode_text(captions)
+    assert torch.equal(cached.attention_mask, direct.attention_mask)
+    torch.testing.assert_close(cached.hidden, direct.hidden)
