@@ -55,7 +55,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     t.set_defaults(func=_train)
     d = sub.add_parser("demo", help="train a tiny built-in model on a synthetic dataset (no downloads)")
-    d.add_argument("--family", choices=("sd15", "sdxl"), default="sd15")
+    d.add_argument("--family", choices=("sd15", "sdxl", "flux_dev", "flux_schnell", "chroma"), default="sd15")
     d.add_argument("--out", type=Path, default=Path("demo_out"))
     d.add_argument("--steps", type=int, default=30)
     d.add_argument(

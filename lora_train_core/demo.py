@@ -1,4 +1,4 @@
-"""The embedded demo: a tiny SD-shaped model, a synthetic dataset, ~30 steps.
+"""The embedded demo: a tiny SD-, Flux- or Chroma-shaped model, a synthetic dataset, ~30 steps.
 
 Needs no downloads and no weights: the models are built from configs with
 seeded random weights (tiny_models.py) and the images are drawn on the spot.
@@ -67,11 +67,21 @@ def demo_config(family: str, out_dir: Path, steps: int) -> RunConfig:
             train=TrainConfig(max_train_steps=steps, train_batch_size=4, seed=42),
             # Conv LoRA too: the tiny SDXL's last up block has no attention (as SDXL's top level
             # has none), so attention-only LoRA barely reaches the output and its loss stays flat.
-            network=NetworkConfig(network_dim=8, network_alpha=8.0, conv_dim=8, conv_alpha=8.0),
+            network=_demo_network(family),
             # High for LoRA, so that 30 steps show the loss falling (1e-3 left SDXL's flat).
             optimizer=OptimizerConfig(optimizer_type="AdamW", learning_rate=3e-3),
         ),
     )
+
+
+def _demo_network(family: str) -> NetworkConfig:
+    spec = get_family(family)
+    if spec.unet_names == "native":  # a DiT has no k×k convs for conv LoRA
+        # Chroma's only text encoder is T5, which takes no LoRA here
+        return NetworkConfig(
+            network_dim=8, network_alpha=8.0, train_text_encoder=bool(spec.text_encoder_prefixes)
+        )
+    return NetworkConfig(network_dim=8, network_alpha=8.0, conv_dim=8, conv_alpha=8.0)
 
 
 def run_demo(

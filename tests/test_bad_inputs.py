@@ -747,7 +747,7 @@ CASES = [
     Case(
         "model_of_the_wrong_family",
         config_value("model", "family", "sdxl"),
-        "is an sd15 model, but model.family is 'sdxl'",
+        "holds a 'sd15' model (SD1.x/2.x), but model.family is 'sdxl'",
     ),
     Case("model_family_unknown", config_value("model", "family", "sd3"), "model.family: 'sd3' is not one of"),
     Case(

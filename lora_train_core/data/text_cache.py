@@ -183,6 +183,8 @@ class CachedTextEncoder:
         tensors = {"hidden": row.hidden[0]}
         if row.pooled is not None:
             tensors["pooled"] = row.pooled[0]
+        if row.attention_mask is not None:
+            tensors["attention_mask"] = row.attention_mask[0]
         atomic_save_safetensors(self._entry_path(key), tensors, {"key": key})
 
     def _read_entry(self, caption: str) -> TextConditioning | None:
@@ -197,10 +199,11 @@ class CachedTextEncoder:
                 names = set(f.keys())
                 hidden = f.get_tensor("hidden")[None]
                 pooled = f.get_tensor("pooled")[None] if "pooled" in names else None
+                mask = f.get_tensor("attention_mask")[None] if "attention_mask" in names else None
         except Exception as exc:  # a torn or foreign file: encode again rather than fail
             log.warning("text-encoder cache entry %s unreadable (%s); encoding again", path, exc)
             return None
-        return TextConditioning(hidden, pooled)
+        return TextConditioning(hidden, pooled, mask)
 
 
 def check_text_cacheable(mode: str, train_text_encoder: bool, captions: CaptionConfig) -> None:

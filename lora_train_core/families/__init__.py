@@ -53,7 +53,9 @@ class ModelFamily:
 
     name: the id users write (`model.family`) and code passes around, e.g. "sd15".
     title: what messages call the family, e.g. "SD1.x/2.x".
-    text_encoder_prefixes: kohya's key prefix of each text encoder, in the backend's encoder order.
+    text_encoder_prefixes: kohya's key prefix of each text encoder that can take a LoRA, in the
+        backend's encoder order; empty where none can (Chroma: its only encoder is T5, and T5 LoRA
+        is not implemented).
     unet_names: where kohya's `lora_unet_*` names come from: "diffusers" module paths (SD1.x/2.x,
         trained by kohya on a diffusers UNet), "sgm", the original Stability paths (SDXL), or
         "native", the model's original module paths (the DiTs: BFL's Flux, as ComfyUI loads it).
@@ -78,6 +80,10 @@ class ModelFamily:
     default_guidance_scale: what `flow.guidance_scale` is when unset (kohya's docs: 1.0 to train
         Flux-dev); None for a family without a guidance input.
     kohya_model_type: kohya's `ss_model_type` ("flux", "chroma"); "" where kohya writes none.
+    t5_max_length: the tokens T5-XXL's captions are padded to (kohya's `t5xxl_max_token_length`
+        default: 512, schnell 256); 0 for a family without T5.
+    t5_attention_mask: the T5 attention mask is applied in the encoder and the denoiser (kohya's
+        `apply_t5_attn_mask`, which Chroma requires).
     native_block_roots: for "native" names, the top-level block lists kohya's UNet names start with
         (Flux: double_blocks, single_blocks); the UNets' come from their naming (kohya_keys).
     """
@@ -105,13 +111,17 @@ class ModelFamily:
     guidance_input: bool = False
     default_guidance_scale: float | None = None
     kohya_model_type: str = ""
+    t5_max_length: int = 0
+    t5_attention_mask: bool = False
     native_block_roots: tuple[str, ...] = ()
 
     def __post_init__(self):
         if not re.fullmatch(r"[a-z][a-z0-9_]*", self.name):
             raise ValueError(f"ModelFamily.name: {self.name!r} must be a lowercase identifier")
-        if not self.text_encoder_prefixes:
-            raise ValueError(f"ModelFamily {self.name}: text_encoder_prefixes is empty")
+        if not self.text_encoder_prefixes and not self.t5_max_length:
+            raise ValueError(f"ModelFamily {self.name}: no text encoder (no prefixes and no T5)")
+        if self.t5_max_length < 0 or (self.t5_attention_mask and not self.t5_max_length):
+            raise ValueError(f"ModelFamily {self.name}: t5_max_length must be positive where T5 is used")
         for prefix in self.text_encoder_prefixes:
             check_choice(f"ModelFamily {self.name}: text_encoder_prefixes", prefix, TEXT_ENCODER_COMPONENTS)
         check_choice(f"ModelFamily {self.name}: unet_names", self.unet_names, UNET_NAMES)
@@ -148,10 +158,10 @@ class ModelFamily:
         return self.objective == "flow"
 
 
-from . import flux, sd15, sdxl  # noqa: E402  (the family modules build rows of the class above)
+from . import chroma, flux, sd15, sdxl  # noqa: E402  (the family modules build rows of the class above)
 
 FAMILIES: dict[str, ModelFamily] = {
-    family.name: family for family in (sd15.FAMILY, sdxl.FAMILY, *flux.FAMILIES)
+    family.name: family for family in (sd15.FAMILY, sdxl.FAMILY, *flux.FAMILIES, chroma.FAMILY)
 }
 
 # names a user may write for "whichever of these the model turns out to be" (model.family)

@@ -21,7 +21,8 @@ from torch import nn
 from ..model.kohya_keys import UNET_PREFIX, LoraTarget
 from . import ModelFamily
 
-_COMMON = dict(
+# shared with families/chroma.py, whose DiT is Flux's with fewer parts
+FLUX_COMMON = dict(
     text_encoder_prefixes=("lora_te1",),
     unet_names="native",
     unet_layout=None,
@@ -49,14 +50,16 @@ FLUX_DEV = ModelFamily(
     modelspec_architecture="flux-1-dev/lora",
     guidance_input=True,
     default_guidance_scale=1.0,
-    **_COMMON,
+    t5_max_length=512,
+    **FLUX_COMMON,
 )
 
 FLUX_SCHNELL = ModelFamily(
     name="flux_schnell",
     title="Flux.1-schnell",
     modelspec_architecture="flux-1-schnell/lora",
-    **_COMMON,
+    t5_max_length=256,  # kohya: 256 for schnell, 512 otherwise (flux_train_network.py)
+    **FLUX_COMMON,
 )
 
 FAMILIES = (FLUX_DEV, FLUX_SCHNELL)

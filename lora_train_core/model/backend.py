@@ -29,25 +29,39 @@ class TextConditioning:
     """Text-encoder outputs for a batch of captions.
 
     hidden: (B, L, D) cross-attention context.
-    pooled: (B, P) pooled text embedding (SDXL's second encoder), else None.
+    pooled: (B, P) pooled text embedding (SDXL's second encoder, Flux's CLIP-L), else None.
+    attention_mask: (B, L) bool, the context tokens the denoiser may attend to (Chroma's T5
+        mask), else None: every token is attended.
     """
 
     hidden: torch.Tensor
     pooled: torch.Tensor | None = None
+    attention_mask: torch.Tensor | None = None
+
+    def __post_init__(self):
+        mask = self.attention_mask
+        if mask is not None and (mask.dtype != torch.bool or mask.shape != self.hidden.shape[:2]):
+            raise ValueError(
+                f"TextConditioning.attention_mask: {mask.dtype} {tuple(mask.shape)}, "
+                f"needs bool {tuple(self.hidden.shape[:2])} (batch, tokens)"
+            )
 
     def to(self, device: torch.device | str) -> TextConditioning:
-        pooled = None if self.pooled is None else self.pooled.to(device)
-        return TextConditioning(self.hidden.to(device), pooled)
+        return self._map(lambda t: t.to(device))
 
     def index(self, rows: Sequence[int] | torch.Tensor) -> TextConditioning:
         rows = torch.as_tensor(rows, dtype=torch.long, device=self.hidden.device)
-        pooled = None if self.pooled is None else self.pooled[rows]
-        return TextConditioning(self.hidden[rows], pooled)
+        return self._map(lambda t: t[rows])
 
     @staticmethod
     def cat(parts: Sequence[TextConditioning]) -> TextConditioning:
-        pooled = None if parts[0].pooled is None else torch.cat([p.pooled for p in parts])
-        return TextConditioning(torch.cat([p.hidden for p in parts]), pooled)
+        fields = zip(*((p.hidden, p.pooled, p.attention_mask) for p in parts), strict=True)
+        return TextConditioning(*(None if f[0] is None else torch.cat(f) for f in fields))
+
+    def _map(self, fn) -> TextConditioning:
+        """`fn` applied to each tensor field (the optional ones where present)."""
+        fields = (self.hidden, self.pooled, self.attention_mask)
+        return TextConditioning(*(None if t is None else fn(t) for t in fields))
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from torch import nn
 
 from ..errors import ConfigError, ModelError, check_choice
-from ..families import ModelFamily, get_family
+from ..families import FAMILY_GROUPS, ModelFamily, get_family
 from .backend import ModelFacts, PipelineParts, TextConditioning
 from .fingerprint import sampled_weights_fingerprint, text_encoders_fingerprint, weights_fingerprint
 from .fp8 import store_in_fp8
@@ -60,8 +60,14 @@ class DiffusersBackend:
         encoders = len(self.family_spec.text_encoder_prefixes)
         if len(text_encoders) != encoders:
             raise ModelError(f"a {family} model has {encoders} text encoder(s), got {len(text_encoders)}")
-        self.family = family
         self.prediction_type = prediction_type
+        self._place_models(unet, vae, text_encoders, tokenizers, device, weight_dtype, fp8_base)
+        self.alphas_cumprod = kohya_alphas_cumprod().to(self.device)
+        self.base_model_name = model_name
+
+    def _place_models(self, unet, vae, text_encoders, tokenizers, device, weight_dtype, fp8_base) -> None:
+        """Put the frozen modules on `device` in their dtypes (shared with flux_backend)."""
+        self.family = self.family_spec.name
         self.device = torch.device(device)
         self.weight_dtype = weight_dtype
         # The VAE stays fp32: SDXL's VAE overflows in fp16, and it runs once per image when caching.
@@ -76,8 +82,6 @@ class DiffusersBackend:
         self.fp8_base = fp8_base
         self.text_encoders = [_place(te, self.device, weight_dtype) for te in text_encoders]
         self.tokenizers = list(tokenizers)
-        self.alphas_cumprod = kohya_alphas_cumprod().to(self.device)
-        self.base_model_name = model_name
 
     @cached_property
     def vae_fingerprint(self) -> str:
@@ -100,7 +104,9 @@ class DiffusersBackend:
     @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         posterior = self.vae.encode(pixels.to(self.device, torch.float32)).latent_dist
-        return posterior.sample(generator) * self.vae.config.scaling_factor
+        # The Flux AE centres its latents first (config shift_factor); SD's VAEs have none.
+        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+        return (posterior.sample(generator) - shift) * self.vae.config.scaling_factor
 
     def encode_text(self, captions: Sequence[str], weighted: bool = False) -> TextConditioning:
         """weighted: model/weighted_text.py, kohya's `--weighted_captions`."""
@@ -163,6 +169,7 @@ class DiffusersBackend:
         return targets
 
     def trainable_modules(self) -> list[nn.Module]:
+        """The UNet first, then the text encoders that may train (set_gradient_checkpointing's)."""
         return [self.unet, *self.text_encoders]
 
     def parkable_modules(self, latents_cached: bool, text_cached: bool) -> list[nn.Module]:
@@ -186,11 +193,11 @@ class DiffusersBackend:
             self.unet.enable_gradient_checkpointing(
                 partial(_checkpoint, preserve_rng_state=preserve_rng_state)
             )
-            for te in self.text_encoders:
+            for te in self.trainable_modules()[1:]:
                 te.gradient_checkpointing_enable()
         else:
             self.unet.disable_gradient_checkpointing()
-            for te in self.text_encoders:
+            for te in self.trainable_modules()[1:]:
                 te.gradient_checkpointing_disable()
 
 
@@ -211,8 +218,14 @@ def _place(module: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Mo
 
 
 def detect_family(path: Path) -> str:
-    """sd15 or sdxl, from a diffusers folder's layout or a single file's keys."""
+    """sd15, sdxl, flux_dev, flux_schnell or chroma, from a diffusers folder's layout and configs
+    or a single file's keys; no weights are loaded."""
     if path.is_dir():
+        from .flux_backend import detect_flux_folder
+
+        flux = detect_flux_folder(path)
+        if flux is not None:
+            return flux
         return "sdxl" if (path / "text_encoder_2").is_dir() else "sd15"
     from safetensors import safe_open
 
@@ -221,12 +234,32 @@ def detect_family(path: Path) -> str:
             keys = set(f.keys())
     except Exception as exc:
         raise ModelError(f"{path}: not a readable .safetensors checkpoint ({exc})") from exc
+    if any(_is_flux_key(k) for k in keys):
+        raise ModelError(
+            f"model.path: {str(path)!r} is a single-file Flux/Chroma checkpoint; the CLI loads Flux.1 and "
+            "Chroma from a diffusers folder only (transformer/, vae/, text_encoder/, tokenizer/, and for "
+            "Flux.1 text_encoder_2/ and tokenizer_2/): give that folder as model.path"
+        )
     return "sdxl" if any(k.startswith("conditioner.embedders.1.") for k in keys) else "sd15"
+
+
+def _is_flux_key(key: str) -> bool:
+    """BFL's (`double_blocks.`, maybe under ComfyUI's `model.diffusion_model.`) or diffusers' Flux names."""
+    native = key.removeprefix("model.diffusion_model.")
+    return native.startswith(("double_blocks.", "single_transformer_blocks."))
 
 
 def model_facts(cfg: ModelConfig, device: torch.device, fp8_base: bool = False) -> ModelFacts:
     """What the checks before training need of the model in `cfg`, read without loading it."""
-    return ModelFacts(_checked_family(cfg), cfg.prediction_type, torch.device(device), fp8_base)
+    family = get_family(_checked_family(cfg))
+    if family.is_flow:
+        if cfg.v_parameterization:
+            raise ConfigError(
+                f"model.v_parameterization: true, but {family.title} is a flow-matching model (it "
+                "predicts the velocity ε − x0); remove it"
+            )
+        return ModelFacts(family.name, "flow", torch.device(device), fp8_base)
+    return ModelFacts(family.name, cfg.prediction_type, torch.device(device), fp8_base)
 
 
 def _checked_family(cfg: ModelConfig) -> str:
@@ -234,14 +267,24 @@ def _checked_family(cfg: ModelConfig) -> str:
     if not path.exists():
         raise ModelError(
             f"model.path: {str(path)!r} does not exist; give a diffusers model folder "
-            "(with unet/, vae/, text_encoder/) or a .safetensors checkpoint"
+            "(with unet/ or transformer/, vae/, text_encoder/) or a .safetensors SD checkpoint"
         )
     family = detect_family(path)
-    if cfg.family != "auto" and cfg.family != family:
+    if cfg.family not in ("auto", family, *_groups_of(family)):
         raise ModelError(
-            f"model.path: {str(path)!r} is an {family} model, but model.family is {cfg.family!r}"
+            f"model.path: {str(path)!r} holds a {family!r} model ({get_family(family).title}), but "
+            f"model.family is {cfg.family!r}; set model.family = {family!r} or 'auto'"
         )
+    spec = get_family(family)
+    if spec.is_flow:
+        from .flux_backend import check_flux_folder
+
+        check_flux_folder(path, spec)
     return family
+
+
+def _groups_of(family: str) -> tuple[str, ...]:
+    return tuple(group for group, members in FAMILY_GROUPS.items() if family in members)
 
 
 def load_diffusers_backend(
@@ -250,10 +293,16 @@ def load_diffusers_backend(
     weight_dtype: torch.dtype = torch.float32,
     fp8_base: bool = False,
 ) -> DiffusersBackend:
-    """Load a base model from a diffusers folder or a single .safetensors checkpoint."""
+    """Load a base model from a diffusers folder or a single .safetensors checkpoint; a Flux or
+    Chroma folder gives a flux_backend.FluxBackend."""
     path = cfg.path
+    model_facts(cfg, device, fp8_base)  # every check that needs no weights, first
     family = _checked_family(cfg)
     spec = get_family(family)
+    if spec.is_flow:
+        from .flux_backend import load_flux_backend
+
+        return load_flux_backend(path, spec, device, weight_dtype, fp8_base)
     parts = _load_folder(path, spec) if path.is_dir() else _load_single_file(path, spec)
     return DiffusersBackend(
         *parts,

@@ -135,7 +135,12 @@ def tiny_components(family: str, seed: int = 0):
 def tiny_backend(
     family: str = "sd15", seed: int = 0, prediction_type: str = "epsilon", **placement
 ) -> DiffusersBackend:
-    """A DiffusersBackend over tiny_components; `placement`: device, weight_dtype, fp8_base."""
+    """A DiffusersBackend over tiny_components (a tiny_flux backend for Flux.1 and Chroma);
+    `placement`: device, weight_dtype, fp8_base."""
+    if get_family(family).is_flow:
+        from .tiny_flux import tiny_flux_backend
+
+        return tiny_flux_backend(family, seed, **placement)
     unet, vae, text_encoders, tokenizers = tiny_components(family, seed)
     return DiffusersBackend(
         unet, vae, text_encoders, tokenizers, family=family, prediction_type=prediction_type, **placement
@@ -144,6 +149,10 @@ def tiny_backend(
 
 def save_tiny_model(folder: Path, family: str = "sd15", seed: int = 0) -> Path:
     """Write a tiny model as a diffusers folder that `load_diffusers_backend` reads."""
+    if get_family(family).is_flow:
+        from .tiny_flux import save_tiny_flux_model
+
+        return save_tiny_flux_model(folder, family, seed)
     unet, vae, text_encoders, _ = tiny_components(family, seed)
     unet.save_pretrained(folder / "unet")
     vae.save_pretrained(folder / "vae")

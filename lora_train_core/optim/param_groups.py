@@ -209,6 +209,8 @@ def per_module_dims(
         "conv_block_dims": conv_block_dims,
         "conv_block_alphas": conv_block_alphas,
     }
+    if all(values is None for values in lists.values()):
+        return {}, {}  # nothing block-wise: also for a DiT, whose blocks kohya does not number
     for field, values in lists.items():
         if values is not None and len(values) != blocks.count:
             raise ConfigError(

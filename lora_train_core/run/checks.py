@@ -48,7 +48,8 @@ def check_network_for_family(recipe, spec: ModelFamily) -> None:
     if net.train_text_encoder and not spec.text_encoder_prefixes:
         raise ConfigError(
             f"network.train_text_encoder: {spec.title} has no text encoder this trainer can put a LoRA "
-            "on; set it to false"
+            "on (its text encoder is T5-XXL; T5 LoRA, kohya's train_t5xxl, is not implemented yet); "
+            "set it to false"
         )
     if spec.unet_names == "native" and net.conv_dim:
         raise ConfigError(

@@ -162,6 +162,7 @@ def loss_and_backward(
     timesteps: Tensor,
     hidden: Tensor,
     pooled: Tensor | None,
+    text_mask: Tensor | None,
     size_cond: Tensor,
     guidance: Tensor | None,
     target: Tensor,
@@ -174,7 +175,8 @@ def loss_and_backward(
     """
     backend, recipe = ctx.backend, ctx.recipe
     with autocast(ctx):
-        pred = backend.predict(noisy, timesteps, TextConditioning(hidden, pooled), size_cond, guidance)
+        text = TextConditioning(hidden, pooled, text_mask)
+        pred = backend.predict(noisy, timesteps, text, size_cond, guidance)
     if ctx.is_flow:
         loss = flow_training_loss(pred, target, noisy, timesteps, recipe.flow, recipe.loss, weights)
     else:
@@ -261,6 +263,7 @@ def forward_backward(
         batch.timesteps[mine],
         text.hidden,
         text.pooled,
+        text.attention_mask,
         batch.size_conditioning[mine],
         None if batch.guidance is None else batch.guidance[mine],
         batch.target[mine],
