@@ -345,6 +345,7 @@ class OurStep:
             timesteps,
             self.text.hidden,
             self.text.pooled,
+            self.text.attention_mask,
             self.size_conditioning,
             guidance,
             target,

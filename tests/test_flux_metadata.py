@@ -30,6 +30,15 @@ KOHYA_FLUX = {
         "modelspec.architecture": "flux-1-schnell/lora",
         "modelspec.implementation": "https://github.com/black-forest-labs/flux",
     },
+    # library/chroma_models.py / sai_model_spec.py ARCH_CHROMA, IMPL_CHROMA; kohya asserts
+    # apply_t5_attn_mask for Chroma (flux_train_network.py)
+    "chroma": {
+        "ss_base_model_version": "chroma",
+        "ss_model_type": "chroma",
+        "ss_apply_t5_attn_mask": "True",
+        "modelspec.architecture": "chroma/lora",
+        "modelspec.implementation": "https://huggingface.co/lodestones/Chroma",
+    },
 }
 FLOW_KEYS = {
     "ss_apply_t5_attn_mask",

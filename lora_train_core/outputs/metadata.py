@@ -188,12 +188,12 @@ def _flow_record(flow: FlowConfig, family: ModelFamily) -> dict[str, Any]:
 
     `ss_guidance_scale` is the value the model was fed: the family's default when unset, and None
     for a model without a guidance input (kohya writes its argparse 3.5 there, which schnell
-    ignores). `ss_apply_t5_attn_mask` is False because neither door masks T5's padding (diffusers'
-    FluxPipeline and ComfyUI's Flux T5 both encode unmasked), kohya's default; there is no option.
+    ignores). `ss_apply_t5_attn_mask` is the family's: Flux's T5 encodes its padding unmasked in both
+    doors (kohya's default), Chroma's is masked (kohya asserts it for Chroma); there is no option.
     """
     return {
         "ss_model_type": family.kohya_model_type,
-        "ss_apply_t5_attn_mask": False,
+        "ss_apply_t5_attn_mask": family.t5_attention_mask,
         "ss_weighting_scheme": flow.weighting_scheme,
         "ss_logit_mean": flow.logit_mean,
         "ss_logit_std": flow.logit_std,
