@@ -30,6 +30,7 @@ LoraOptimizer = io.Custom("LORA_OPTIMIZER")
 LoraNetwork = io.Custom("LORA_NETWORK")
 LoraTrained = io.Custom("LORA_TRAINED")
 LoraStages = io.Custom("LORA_STAGES")
+LoraFlow = io.Custom("LORA_FLOW")  # carries an objective.flow.FlowConfig
 
 CATEGORY = "LoRA Training"
 

@@ -39,7 +39,7 @@ TEXT_ENCODERS = {"sd15": [CLIP_L], "sdxl": [CLIP_L, CLIP_BIGG]}
 
 
 def test_the_registry_holds_every_family_under_its_own_name():
-    assert list(FAMILIES) == ["sd15", "sdxl", "flux_dev", "flux_schnell"]
+    assert list(FAMILIES) == ["sd15", "sdxl", "flux_dev", "flux_schnell", "chroma"]
     assert all(get_family(name).name == name for name in FAMILIES)
 
 

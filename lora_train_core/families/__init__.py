@@ -53,7 +53,8 @@ class ModelFamily:
 
     name: the id users write (`model.family`) and code passes around, e.g. "sd15".
     title: what messages call the family, e.g. "SD1.x/2.x".
-    text_encoder_prefixes: kohya's key prefix of each text encoder, in the backend's encoder order.
+    text_encoder_prefixes: kohya's key prefix of each text encoder a LoRA may train, in the backend's
+        encoder order; empty where this trainer puts no LoRA on the text encoders (Chroma's T5).
     unet_names: where kohya's `lora_unet_*` names come from: "diffusers" module paths (SD1.x/2.x,
         trained by kohya on a diffusers UNet), "sgm", the original Stability paths (SDXL), or
         "native", the model's original module paths (the DiTs: BFL's Flux, as ComfyUI loads it).
@@ -110,8 +111,6 @@ class ModelFamily:
     def __post_init__(self):
         if not re.fullmatch(r"[a-z][a-z0-9_]*", self.name):
             raise ValueError(f"ModelFamily.name: {self.name!r} must be a lowercase identifier")
-        if not self.text_encoder_prefixes:
-            raise ValueError(f"ModelFamily {self.name}: text_encoder_prefixes is empty")
         for prefix in self.text_encoder_prefixes:
             check_choice(f"ModelFamily {self.name}: text_encoder_prefixes", prefix, TEXT_ENCODER_COMPONENTS)
         check_choice(f"ModelFamily {self.name}: unet_names", self.unet_names, UNET_NAMES)

@@ -59,7 +59,25 @@ FLUX_SCHNELL = ModelFamily(
     **_COMMON,
 )
 
-FAMILIES = (FLUX_DEV, FLUX_SCHNELL)
+# Chroma (lodestones' Flux.1-schnell derivative): Flux's blocks without their modulation Linears
+# (an approximator computes every block's modulation from σ), T5 only, no guidance embedding
+# (ComfyUI feeds its approximator guidance 0, model_base.Chroma). kohya's `ss_model_type` "chroma"
+# (flux_train_network.py:49-54). No text-encoder LoRA: kohya's would be `lora_te3` on T5, which
+# ComfyUI maps for a T5-only model as `lora_te1` (FLOW_FACTS §3.3, §7), so none is trained here.
+CHROMA = ModelFamily(
+    name="chroma",
+    title="Chroma",
+    modelspec_architecture="chroma/lora",
+    **{
+        **_COMMON,
+        "text_encoder_prefixes": (),
+        "pooled_text": False,
+        "kohya_model_type": "chroma",
+        "diffusers_pipeline": "ChromaPipeline",
+    },
+)
+
+FAMILIES = (FLUX_DEV, FLUX_SCHNELL, CHROMA)
 
 
 # --- LoRA targets: kohya's default for Flux (networks/lora_flux.py, FLOW_FACTS §2.1) ------------

@@ -46,8 +46,13 @@ class TextConditioning:
 
     @staticmethod
     def cat(parts: Sequence[TextConditioning]) -> TextConditioning:
+        """Rows of several batches in one. Hidden states of different lengths (an unpadded T5, as
+        ComfyUI's Chroma encoder gives) are zero-padded at the end to the longest; a backend whose
+        model would attend to those rows masks them (nodes/comfy_flux.py)."""
         pooled = None if parts[0].pooled is None else torch.cat([p.pooled for p in parts])
-        return TextConditioning(torch.cat([p.hidden for p in parts]), pooled)
+        length = max(p.hidden.shape[1] for p in parts)
+        hidden = [torch.nn.functional.pad(p.hidden, (0, 0, 0, length - p.hidden.shape[1])) for p in parts]
+        return TextConditioning(torch.cat(hidden), pooled)
 
 
 @dataclass(frozen=True)
