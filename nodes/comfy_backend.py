@@ -61,6 +61,8 @@ class SDAdapter:
     """The SD1.x/2.x and SDXL parts of `ComfyBackend`: DDPM objective from ComfyUI's sigma table,
     cross-attention context (+ SDXL's vector), kohya's UNet targets, checkpointed UNet blocks."""
 
+    blocks_modify_inputs = False  # the UNet blocks never write into their inputs
+
     def __init__(self, family: str):
         self.family = family
         # ComfyUI's CLIP attribute of each text encoder, in the order of text_encoder_prefixes
@@ -259,9 +261,12 @@ class ComfyBackend:
         blocks); ComfyUI's own `use_checkpoint` ignores LoRA tensors held outside."""
         if enabled and not self._checkpointed:
             for block in self.adapter.checkpointed_blocks(self.diffusion_model):
+                forward = type(block).forward.__get__(block)
+                if self.adapter.blocks_modify_inputs:
+                    forward = partial(_on_copied_inputs, forward)
                 block.forward = partial(
                     checkpoint,
-                    type(block).forward.__get__(block),
+                    forward,
                     use_reentrant=False,
                     preserve_rng_state=preserve_rng_state,
                 )
@@ -270,6 +275,14 @@ class ComfyBackend:
             for block in self._checkpointed:
                 del block.forward
             self._checkpointed.clear()
+
+
+def _on_copied_inputs(forward, *args, **kwargs):
+    """`forward` on copies of its tensor arguments. A block that adds into its input in place
+    (Flux's `txt += …`) would otherwise change the very tensors checkpoint keeps to recompute
+    it from, and the recomputation would differ from the forward."""
+    copy = lambda v: v.clone() if isinstance(v, torch.Tensor) else v  # noqa: E731
+    return forward(*[copy(a) for a in args], **{k: copy(v) for k, v in kwargs.items()})
 
 
 def _out_of_place_clip_layers(encoders: nn.Module) -> list[nn.Module]:

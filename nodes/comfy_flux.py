@@ -19,6 +19,7 @@ from ..lora_train_core.errors import ConfigError, ModelError
 from ..lora_train_core.families import flux
 from ..lora_train_core.model.backend import TextConditioning
 from ..lora_train_core.model.kohya_keys import LoraTarget
+from . import comfy_compat
 
 # ComfyUI's CLIP attributes of the text encoders each family's DiT reads
 _CLIP_ENCODERS = {"flux_dev": ("clip_l", "t5xxl"), "flux_schnell": ("clip_l", "t5xxl"), "chroma": ("t5xxl",)}
@@ -40,6 +41,9 @@ def flux_family(base) -> str | None:
 
 class FluxAdapter:
     """The Flux/Chroma parts of `ComfyBackend` (selected by family in nodes/comfy_backend.py)."""
+
+    # 0.3.64's blocks add residuals into their inputs in place (`txt += …`, `x.addcmul_(…)`)
+    blocks_modify_inputs = True
 
     def __init__(self, family: str):
         self.family = family
@@ -93,9 +97,11 @@ class FluxAdapter:
         mask = _text_padding_mask(hidden, noisy.shape, dtype)
         if mask is not None:
             kwargs["attention_mask"] = mask
-        return backend.diffusion_model(
-            noisy.to(device, dtype), sigmas.to(device).float(), context=hidden, **kwargs
-        ).float()
+        with comfy_compat.inplace_safe_autograd():  # 0.3.64's blocks add residuals in place
+            out = backend.diffusion_model(
+                noisy.to(device, dtype), sigmas.to(device).float(), context=hidden, **kwargs
+            )
+        return out.float()
 
     def unet_targets(self, backend, include_conv: bool) -> list[LoraTarget]:
         """kohya's default Flux/Chroma targets: every Linear in the double and single blocks

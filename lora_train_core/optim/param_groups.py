@@ -209,6 +209,8 @@ def per_module_dims(
         "conv_block_dims": conv_block_dims,
         "conv_block_alphas": conv_block_alphas,
     }
+    if all(values is None for values in lists.values()):
+        return {}, {}  # nothing block-wise asked; a DiT's modules have no kohya block to look up
     for field, values in lists.items():
         if values is not None and len(values) != blocks.count:
             raise ConfigError(
