@@ -356,3 +356,63 @@ def test_an_unsupported_model_class_is_refused_naming_it_and_the_supported_famil
         r"Flux.1-schnell, Chroma",
     ):
         backend_module.model_family(type("M", (), {"model": base})())
+
+
+def test_cache_latents_scale_the_flux_aes_16_channels_as_comfyui_does(comfy, vae):
+    """With the AE's log-variance pinned near 0 std, our posterior sample is ComfyUI's own encode
+    (its mode) put through Flux's latent format: (z − 0.1159)·0.3611."""
+    backend_module = comfy.pack_module("nodes.comfy_backend")
+    conv_out = vae.first_stage_model.encoder.conv_out
+    with torch.inference_mode():
+        saved = conv_out.weight.clone(), conv_out.bias.clone()
+    try:
+        with torch.inference_mode():  # the loader's weights are inference tensors
+            conv_out.weight[16:] = 0.0
+            conv_out.bias[16:] = -30.0  # log σ² at the clamp: σ = e^-15
+        pixels = torch.rand(1, 32, 32, 3, generator=torch.Generator().manual_seed(0))
+        with torch.inference_mode():
+            mode = vae.encode(pixels)  # ComfyUI's own encoder path, raw AE latents
+            ours = backend_module.ComfyBackend(tiny_model("flux_dev"), vae=vae).encode_images(
+                pixels.movedim(-1, 1) * 2 - 1, torch.Generator().manual_seed(1)
+            )
+    finally:
+        with torch.inference_mode():
+            conv_out.weight.copy_(saved[0])
+            conv_out.bias.copy_(saved[1])
+    assert ours.shape == (1, 16, 4, 4)
+    assert torch.allclose(ours, (mode.float() - 0.1159) * 0.3611, atol=1e-4)
+
+
+def test_configure_flow_reaches_the_run_and_a_guidance_scale_on_schnell_is_refused(
+    comfy, nodes, vae, tiny_dataset
+):
+    errors = comfy.pack_module("lora_train_core.errors")
+    flow = nodes.ConfigureFlow.execute(
+        **_widgets(nodes.ConfigureFlow, timestep_sampling="flux_shift", guidance_scale=3.5)
+    ).result[0]
+    model, clip = tiny_model("flux_dev"), tiny_clip("flux_dev")
+    latents = latents_for(nodes, model, vae, tiny_dataset)
+    _, _, trained, _, _ = train(nodes, model, clip, latents, "it_flow_options", steps=2, flow=flow)
+    assert len(trained.trained.losses) == 2
+    schnell = tiny_model("flux_schnell")
+    with pytest.raises(
+        errors.ConfigError, match=r"flow.guidance_scale: 3.5, but Flux.1-schnell has no guidance"
+    ):
+        train(nodes, schnell, tiny_clip("flux_schnell"), latents, "it_flow_schnell", steps=1, flow=flow)
+
+
+def test_a_flux_model_whose_sampling_is_not_const_flow_is_refused(comfy):
+    import comfy.model_sampling as sampling
+
+    errors = comfy.pack_module("lora_train_core.errors")
+    backend_module = comfy.pack_module("nodes.comfy_backend")
+    model = tiny_model("flux_dev")
+
+    class EpsDiscrete(sampling.ModelSamplingDiscrete, sampling.EPS):
+        pass
+
+    patched = model.clone()
+    patched.add_object_patch("model_sampling", EpsDiscrete(model.model.model_config))
+    with pytest.raises(errors.ModelError, match=r"model_sampling EpsDiscrete; flow training needs"):
+        backend_module.ComfyBackend(patched)
+    assert backend_module.ComfyBackend(model).prediction_type == "flow"
