@@ -7,7 +7,13 @@ from __future__ import annotations
 
 from comfy_api.v0_0_2 import ComfyExtension, io
 
-from .config_nodes import ConfigureNetwork, ConfigureNoise, ConfigureOptimizer, ConfigureSpeed
+from .config_nodes import (
+    ConfigureFlow,
+    ConfigureNetwork,
+    ConfigureNoise,
+    ConfigureOptimizer,
+    ConfigureSpeed,
+)
 from .dataset_nodes import Bucketize, CacheLatents, LoadDataset
 from .merge_nodes import MergeLoRAs
 from .train_nodes import EMAExport, LossPlot, TrainingStages, TrainLoRA
@@ -19,6 +25,7 @@ NODES: list[type[io.ComfyNode]] = [
     ConfigureNoise,
     ConfigureOptimizer,
     ConfigureNetwork,
+    ConfigureFlow,
     ConfigureSpeed,
     TrainLoRA,
     EMAExport,

@@ -6,6 +6,10 @@ DDPM's x_t = √ā·x0 + √(1−ā)·ε is exactly that scaled input with
 ā = 1/(1+σ²), so the core's noising is reused unchanged and `predict` calls
 the raw network at the DDPM timestep, returning ε or v (not ComfyUI's x0).
 See DESIGN.md, "The sigma convention"; tests/integration/test_parity.py proves it.
+
+What differs per family (objective, conditioning, LoRA targets, checkpointed blocks) is a small
+adapter chosen by family: `SDAdapter` here for the UNets, `comfy_flux.FluxAdapter` for Flux.1
+and Chroma (flow matching: σ in, velocity out).
 """
 
 from __future__ import annotations
@@ -31,13 +35,12 @@ from ..lora_train_core.model.fingerprint import (
 from ..lora_train_core.model.fp8 import is_float8
 from ..lora_train_core.model.kohya_keys import LoraTarget, sgm_unet_targets, text_encoder_targets
 from . import comfy_compat
-
-# ComfyUI's CLIP attribute of each text encoder, in the order of the family's text_encoder_prefixes
-CLIP_ATTRIBUTES = {"sd15": ("clip_l",), "sdxl": ("clip_l", "clip_g")}
+from .comfy_flux import FluxAdapter, flux_family
 
 
 def model_family(model) -> str:
-    """sd15 (SD1.x/2.x UNet, kohya's diffusers-style names) or sdxl; other families are refused."""
+    """sd15 (SD1.x/2.x UNet, kohya's diffusers-style names), sdxl, flux_dev, flux_schnell or
+    chroma; other model classes are refused, naming the class and the supported families."""
     import comfy.model_base as mb
 
     base = model.model
@@ -45,9 +48,67 @@ def model_family(model) -> str:
         return "sdxl"
     if type(base) is mb.BaseModel:
         return "sd15"
+    family = flux_family(base)
+    if family is not None:
+        return family
+    supported = ", ".join(get_family(name).title for name in ADAPTERS)
     raise ModelError(
-        f"MODEL: {type(base).__name__} models are not supported; this trainer supports SD1.x/2.x and SDXL"
+        f"MODEL: {type(base).__name__} models are not supported; this trainer supports {supported}"
     )
+
+
+class SDAdapter:
+    """The SD1.x/2.x and SDXL parts of `ComfyBackend`: DDPM objective from ComfyUI's sigma table,
+    cross-attention context (+ SDXL's vector), kohya's UNet targets, checkpointed UNet blocks."""
+
+    blocks_modify_inputs = False  # the UNet blocks never write into their inputs
+
+    def __init__(self, family: str):
+        self.family = family
+        # ComfyUI's CLIP attribute of each text encoder, in the order of text_encoder_prefixes
+        self.clip_attributes = {"sd15": ("clip_l",), "sdxl": ("clip_l", "clip_g")}[family]
+
+    def objective(self, sampling) -> tuple[str, torch.Tensor]:
+        # V_PREDICTION subclasses EPS, so test for it first.
+        prediction = "v_prediction" if isinstance(sampling, comfy.model_sampling.V_PREDICTION) else "epsilon"
+        return prediction, 1.0 / (1.0 + sampling.sigmas.to(torch.float32) ** 2)
+
+    def check_clip(self, clip, title: str) -> None:
+        encoders = clip.cond_stage_model
+        if hasattr(encoders, "t5xxl") or not all(hasattr(encoders, a) for a in self.clip_attributes):
+            raise ConfigError(
+                f"CLIP: this is a {type(encoders).__name__} text encoder, but a {title} MODEL needs "
+                f"{' + '.join(self.clip_attributes)}; connect the CLIP of the same checkpoint"
+            )
+
+    def predict(self, backend, noisy, timesteps, text, size_conditioning, guidance):
+        if guidance is not None:
+            raise ValueError(f"{backend.family_spec.title} has no guidance input")
+        y = backend._sdxl_vector(text, size_conditioning) if backend.family_spec.size_conditioning else None
+        return backend.diffusion_model(
+            noisy.to(backend.device, backend.compute_dtype),
+            timesteps.to(backend.device).float(),
+            context=text.hidden.to(backend.device, backend.compute_dtype),
+            y=None if y is None else y.to(backend.compute_dtype),
+        ).float()
+
+    def unet_targets(self, backend, include_conv: bool) -> list[LoraTarget]:
+        sgm_names = backend.family_spec.unet_names == "sgm"
+        rename = str if sgm_names else _sgm_to_diffusers(backend.model).__getitem__
+        return sgm_unet_targets(backend.diffusion_model, include_conv=include_conv, rename=rename)
+
+    def checkpointed_blocks(self, diffusion_model: nn.Module) -> list[nn.Module]:
+        dm = diffusion_model
+        return [*dm.input_blocks, dm.middle_block, *dm.output_blocks]
+
+
+ADAPTERS = {
+    "sd15": SDAdapter,
+    "sdxl": SDAdapter,
+    "flux_dev": FluxAdapter,
+    "flux_schnell": FluxAdapter,
+    "chroma": FluxAdapter,
+}
 
 
 class ComfyBackend:
@@ -57,16 +118,16 @@ class ComfyBackend:
         self.model, self.clip, self.vae = model, clip, vae
         self.family = model_family(model)
         self.family_spec = get_family(self.family)
+        self.adapter = ADAPTERS[self.family](self.family)
+        if clip is not None:  # a CLIP of another family is refused before anything loads
+            self.adapter.check_clip(clip, self.family_spec.title)
         self.device = model.load_device
         self.diffusion_model: nn.Module = model.model.diffusion_model
         self.compute_dtype = model.model.manual_cast_dtype or model.model.get_dtype()
         self.fp8_base = is_float8(model.model.get_dtype())  # e.g. a loader's weight_dtype fp8_e4m3fn
         sampling = model.get_model_object("model_sampling")
-        # V_PREDICTION subclasses EPS, so test for it first.
-        self.prediction_type = (
-            "v_prediction" if isinstance(sampling, comfy.model_sampling.V_PREDICTION) else "epsilon"
-        )
-        self.alphas_cumprod = (1.0 / (1.0 + sampling.sigmas.to(torch.float32) ** 2)).to(self.device)
+        self.prediction_type, alphas_cumprod = self.adapter.objective(sampling)
+        self.alphas_cumprod = None if alphas_cumprod is None else alphas_cumprod.to(self.device)
         self._checkpointed: list[nn.Module] = []
         self._layers_out_of_place: list[nn.Module] = []
 
@@ -140,17 +201,16 @@ class ComfyBackend:
                 "(python -m lora_train_core train) has it; set captions.weighted_captions = false"
             )
         clip = self._clip()
-        hidden, pooled = [], []
+        rows = []
         for caption in captions:
             tokens = clip.tokenize(caption, disable_weights=True)
-            # kohya trains on one 77-token window; ComfyUI would append more chunks
+            # kohya trains on one 77-token window; ComfyUI would append more chunks (T5's
+            # tokenizers give one chunk of any length: Flux's padded to 256, Chroma's unpadded)
             tokens = {k: v[:1] for k, v in tokens.items()}
             cond, pool = clip.encode_from_tokens(tokens, return_pooled=True)
-            hidden.append(cond.to(self.device))
-            pooled.append(pool.to(self.device) if pool is not None else None)
-        return TextConditioning(
-            torch.cat(hidden), torch.cat(pooled) if self.family_spec.pooled_text else None
-        )
+            pooled = pool.to(self.device) if self.family_spec.pooled_text else None
+            rows.append(TextConditioning(cond.to(self.device), pooled))
+        return TextConditioning.cat(rows)  # unequal T5 lengths are zero-padded (and masked in predict)
 
     # --- prediction ---------------------------------------------------------------------------
     def predict(
@@ -161,15 +221,7 @@ class ComfyBackend:
         size_conditioning: torch.Tensor | None,
         guidance: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        if guidance is not None:
-            raise ValueError(f"{self.family_spec.title} has no guidance input")
-        y = self._sdxl_vector(text, size_conditioning) if self.family_spec.size_conditioning else None
-        return self.diffusion_model(
-            noisy_latents.to(self.device, self.compute_dtype),
-            timesteps.to(self.device).float(),
-            context=text.hidden.to(self.device, self.compute_dtype),
-            y=None if y is None else y.to(self.compute_dtype),
-        ).float()
+        return self.adapter.predict(self, noisy_latents, timesteps, text, size_conditioning, guidance)
 
     def _sdxl_vector(self, text: TextConditioning, size_conditioning: torch.Tensor | None) -> torch.Tensor:
         """SDXL's `y`: pooled text ‖ 256-d embeddings of the six size numbers (model_base.SDXL.encode_adm)."""
@@ -183,15 +235,13 @@ class ComfyBackend:
     def lora_targets(self, include_conv: bool, unet: bool, text_encoder: bool) -> list[LoraTarget]:
         targets: list[LoraTarget] = []
         if unet:
-            sgm_names = self.family_spec.unet_names == "sgm"
-            rename = str if sgm_names else _sgm_to_diffusers(self.model).__getitem__
-            targets += sgm_unet_targets(self.diffusion_model, include_conv=include_conv, rename=rename)
+            targets += self.adapter.unet_targets(self, include_conv)
         if text_encoder:
             if self.clip is None:
                 raise ConfigError("Train LoRA: training the text encoder needs the CLIP input")
             encoders = self.clip.cond_stage_model
             prefixes = self.family_spec.text_encoder_prefixes
-            for attr, prefix in zip(CLIP_ATTRIBUTES[self.family], prefixes, strict=True):
+            for attr, prefix in zip(self.adapter.clip_attributes, prefixes, strict=True):
                 targets += text_encoder_targets(getattr(encoders, attr), prefix)
         return targets
 
@@ -207,13 +257,16 @@ class ComfyBackend:
         return None
 
     def set_gradient_checkpointing(self, enabled: bool, preserve_rng_state: bool = True) -> None:
-        """Checkpoint each UNet block (ComfyUI's own `use_checkpoint` ignores LoRA tensors held outside)."""
+        """Checkpoint each block (the UNet's input/middle/output blocks, Flux's double and single
+        blocks); ComfyUI's own `use_checkpoint` ignores LoRA tensors held outside."""
         if enabled and not self._checkpointed:
-            dm = self.diffusion_model
-            for block in [*dm.input_blocks, dm.middle_block, *dm.output_blocks]:
+            for block in self.adapter.checkpointed_blocks(self.diffusion_model):
+                forward = type(block).forward.__get__(block)
+                if self.adapter.blocks_modify_inputs:
+                    forward = partial(_on_copied_inputs, forward)
                 block.forward = partial(
                     checkpoint,
-                    type(block).forward.__get__(block),
+                    forward,
                     use_reentrant=False,
                     preserve_rng_state=preserve_rng_state,
                 )
@@ -222,6 +275,14 @@ class ComfyBackend:
             for block in self._checkpointed:
                 del block.forward
             self._checkpointed.clear()
+
+
+def _on_copied_inputs(forward, *args, **kwargs):
+    """`forward` on copies of its tensor arguments. A block that adds into its input in place
+    (Flux's `txt += …`) would otherwise change the very tensors checkpoint keeps to recompute
+    it from, and the recomputation would differ from the forward."""
+    copy = lambda v: v.clone() if isinstance(v, torch.Tensor) else v  # noqa: E731
+    return forward(*[copy(a) for a in args], **{k: copy(v) for k, v in kwargs.items()})
 
 
 def _out_of_place_clip_layers(encoders: nn.Module) -> list[nn.Module]:

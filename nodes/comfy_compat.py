@@ -14,6 +14,9 @@ The pack is tested on ComfyUI 0.3.64 and written against the newer releases user
   is never touched; the trained MODEL is still its clone with the LoRA as patches.
 - `comfy.model_management.in_training` (same era): ComfyUI's own trainer raises it so
   ops take their autograd-safe paths (comfy/ldm/flux/math.py, comfy/ops.py).
+- Before `in_training`, the Flux/Chroma blocks add residuals in place (`txt += …`,
+  `x.addcmul_(…)`, comfy/ldm/flux/layers.py, comfy/ldm/chroma/layers.py) into tensors their
+  norms saved for backward, which autograd refuses: `inplace_safe_autograd` keeps copies.
 - Cancel raises `InterruptProcessingException`, a BaseException since about April 2026:
   the core's training loop keeps the partial LoRA for any BaseException (run/train.py).
 
@@ -26,6 +29,7 @@ import contextlib
 from collections.abc import Iterator
 
 import comfy.model_management as mm
+import torch
 
 from ..lora_train_core.errors import ConfigError, ModelError
 
@@ -93,3 +97,25 @@ def training_flag() -> Iterator[None]:
         yield
     finally:
         mm.in_training = before
+
+
+def inplace_safe_autograd():
+    """A context under which a forward that modifies saved activations in place still trains.
+
+    Where the release has no `in_training` flag (0.3.64), autograd keeps its own copy of each
+    saved activation (3-D and up, or one that requires grad), so a later `+=` on the original
+    changes nothing backward reads. Frozen 2-D weights are kept as they are (no copy of the
+    model per step). Elsewhere, `training_flag` makes the model's ops autograd-safe and this is
+    a no-op.
+    """
+    if hasattr(mm, "in_training"):
+        return contextlib.nullcontext()
+    return torch.autograd.graph.saved_tensors_hooks(_keep_a_copy, _as_saved)
+
+
+def _keep_a_copy(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.clone() if tensor.requires_grad or tensor.ndim >= 3 else tensor
+
+
+def _as_saved(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor

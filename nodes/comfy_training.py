@@ -21,6 +21,7 @@ import comfy.utils
 import torch
 
 from ..lora_train_core.config import RunConfig
+from ..lora_train_core.data.buckets import check_steps_for_family
 from ..lora_train_core.data.latent_cache import CachedLatents, LatentSample
 from ..lora_train_core.errors import ConfigError
 from ..lora_train_core.model.backend import ModelFacts
@@ -67,6 +68,8 @@ def train_lora_in_comfy(
         )
     with torch.inference_mode(False), torch.enable_grad():
         backend = ComfyBackend(model, clip, inputs.vae)
+        # the latents may come from Cache Latents run on another MODEL: check the step against this one
+        check_steps_for_family(cfg.buckets, backend.family)
         plan = prepare_run(cfg, dataset, ModelFacts.of(backend), resume)  # before any weight moves
         try:
             backend.prepare_for_training(text_encoder=cfg.recipe.network.train_text_encoder)

@@ -1,4 +1,4 @@
-"""Configure Noise, Optimizer, Network and Speed: each builds validated core configs.
+"""Configure Noise, Optimizer, Network, Flow and Speed: each builds validated core configs.
 
 Widget ids are the core config's field names (kohya's option names), so a
 node passes its widgets straight into the dataclass that validates them.
@@ -13,13 +13,29 @@ from comfy_api.v0_0_2 import io
 
 from ..lora_train_core.errors import ConfigError
 from ..lora_train_core.model.network import NetworkConfig
+from ..lora_train_core.objective.flow import (
+    MODE_SCALE_MAX,
+    MODEL_PREDICTION_TYPES,
+    TIMESTEP_SAMPLINGS,
+    WEIGHTING_SCHEMES,
+    FlowConfig,
+)
 from ..lora_train_core.objective.loss import LossConfig
 from ..lora_train_core.objective.noise import NoiseConfig
 from ..lora_train_core.optim.ema import EMAConfig
 from ..lora_train_core.optim.optimizers import LR_SCHEDULERS, OPTIMIZERS, OptimizerConfig
 from ..lora_train_core.optim.param_groups import BlockWeights
 from ..lora_train_core.run.speed import COMPILE_BLOCKS, SpeedConfig
-from .values import CATEGORY, LoraNetwork, LoraNoise, LoraOptimizer, LoraSpeed, NoiseValue, OptimizerValue
+from .values import (
+    CATEGORY,
+    LoraFlow,
+    LoraNetwork,
+    LoraNoise,
+    LoraOptimizer,
+    LoraSpeed,
+    NoiseValue,
+    OptimizerValue,
+)
 
 SCHEDULERS = list(LR_SCHEDULERS)
 
@@ -372,6 +388,81 @@ def _numbers(field: str, text: str) -> tuple[float, ...] | None:
         raise ConfigError(
             f"Configure Network: {field} {text!r} is not a comma-separated list of numbers"
         ) from None
+
+
+_FLOW = FlowConfig()
+FAMILY_GUIDANCE = -1.0  # guidance_scale widget value meaning "unset: the family's default"
+
+
+class ConfigureFlow(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="LoRATrainer_ConfigureFlow",
+            display_name="Configure Flow",
+            category=f"{CATEGORY}/config",
+            description="Flow-matching options for Flux.1 / Chroma (kohya's flux_train_network options): "
+            "how the noise level σ is drawn, loss weighting, prediction type, guidance. Refused for "
+            "SD1.x/SDXL models.",
+            inputs=[
+                io.Combo.Input(
+                    "timestep_sampling",
+                    options=list(TIMESTEP_SAMPLINGS),
+                    default=_FLOW.timestep_sampling,
+                    tooltip="sigma: kohya's scheduler table (shaped by discrete_flow_shift and the "
+                    "density weighting schemes); uniform; sigmoid; shift; flux_shift (resolution-dependent).",
+                ),
+                _f(
+                    "sigmoid_scale",
+                    _FLOW.sigmoid_scale,
+                    0.01,
+                    10.0,
+                    0.01,
+                    "s in sigmoid(s·z) (sigmoid/shift/flux_shift).",
+                ),
+                _f(
+                    "discrete_flow_shift",
+                    _FLOW.discrete_flow_shift,
+                    0.01,
+                    100.0,
+                    0.01,
+                    "Shift S for 'shift' and 'sigma' (3.1582 matches Flux-dev's inference shift).",
+                ),
+                io.Combo.Input(
+                    "weighting_scheme",
+                    options=list(WEIGHTING_SCHEMES),
+                    default=_FLOW.weighting_scheme,
+                    tooltip="logit_normal/mode: density of σ (timestep_sampling 'sigma'); "
+                    "sigma_sqrt/cosmap: loss weight (model_prediction_type 'sigma_scaled').",
+                ),
+                _f("logit_mean", _FLOW.logit_mean, -5.0, 5.0, 0.01, "logit_normal: mean."),
+                _f("logit_std", _FLOW.logit_std, 0.01, 5.0, 0.01, "logit_normal: standard deviation."),
+                _f("mode_scale", _FLOW.mode_scale, -1.0, MODE_SCALE_MAX, 0.01, "mode: scale c."),
+                io.Combo.Input(
+                    "model_prediction_type",
+                    options=list(MODEL_PREDICTION_TYPES),
+                    default=_FLOW.model_prediction_type,
+                    tooltip="raw (recommended by kohya's docs): the velocity as is; sigma_scaled: "
+                    "kohya's Flux default, for reproducing kohya runs.",
+                ),
+                _f(
+                    "guidance_scale",
+                    FAMILY_GUIDANCE,
+                    FAMILY_GUIDANCE,
+                    100.0,
+                    0.1,
+                    "Flux.1-dev's guidance input; -1 = the model's default (1.0 for Flux.1-dev). "
+                    "Models without a guidance input refuse any other value.",
+                ),
+            ],
+            outputs=[LoraFlow.Output(display_name="flow", tooltip="For Train LoRA's flow input.")],
+        )
+
+    @classmethod
+    def execute(cls, guidance_scale=FAMILY_GUIDANCE, **widgets) -> io.NodeOutput:
+        (flow,) = _fields(widgets, FlowConfig)
+        guidance = None if guidance_scale == FAMILY_GUIDANCE else guidance_scale
+        return io.NodeOutput(FlowConfig(**flow, guidance_scale=guidance))
 
 
 class ConfigureSpeed(io.ComfyNode):

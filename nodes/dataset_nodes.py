@@ -162,10 +162,11 @@ class Bucketize(io.ComfyNode):
                 io.Int.Input(
                     "bucket_reso_steps",
                     default=64,
-                    min=32,
+                    min=16,
                     max=256,
-                    step=32,
-                    tooltip="Bucket sides are multiples of this (64 for SD1.5; 32 allowed for SDXL).",
+                    step=16,
+                    tooltip="Bucket sides are multiples of this (64 for SD1.5; 32 allowed for SDXL; 16 "
+                    "for Flux.1 / Chroma). Cache Latents refuses a step the model cannot use.",
                 ),
                 io.Boolean.Input(
                     "bucket_no_upscale",

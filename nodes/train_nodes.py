@@ -13,6 +13,7 @@ from comfy_api.v0_0_2 import io, ui
 from ..lora_train_core.config import OutputConfig, RunConfig
 from ..lora_train_core.errors import ConfigError
 from ..lora_train_core.model.network import NetworkConfig
+from ..lora_train_core.objective.flow import FlowConfig
 from ..lora_train_core.objective.loss import LossConfig
 from ..lora_train_core.objective.noise import NoiseConfig
 from ..lora_train_core.optim.ema import EMAConfig
@@ -28,6 +29,7 @@ from .comfy_training import ComfyInputs, train_lora_in_comfy
 from .paths import lora_save_path, state_folder
 from .values import (
     CATEGORY,
+    LoraFlow,
     LoraLatents,
     LoraNetwork,
     LoraNoise,
@@ -179,6 +181,12 @@ class TrainLoRA(io.ComfyNode):
                 LoraNoise.Input(
                     "noise", optional=True, tooltip="From Configure Noise (default: plain noise, L2 loss)."
                 ),
+                LoraFlow.Input(
+                    "flow",
+                    optional=True,
+                    tooltip="From Configure Flow, for Flux.1 / Chroma (default: kohya's sigma sampling, "
+                    "raw prediction, guidance 1.0 for Flux.1-dev).",
+                ),
                 LoraSpeed.Input(
                     "speed",
                     optional=True,
@@ -225,6 +233,7 @@ class TrainLoRA(io.ComfyNode):
         optimizer=None,
         noise=None,
         stages=None,
+        flow=None,
         speed=None,
     ) -> io.NodeOutput:
         optimizer = optimizer or OptimizerValue(OptimizerConfig(), EMAConfig(), None)
@@ -242,6 +251,7 @@ class TrainLoRA(io.ComfyNode):
             optimizer=optimizer.optimizer,
             noise=noise.noise if noise else NoiseConfig(),
             loss=noise.loss if noise else LossConfig(),
+            flow=flow or FlowConfig(),
             captions=latents.buckets.data.captions,
             ema=optimizer.ema,
             blocks=optimizer.blocks,

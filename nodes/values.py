@@ -31,6 +31,7 @@ LoraNetwork = io.Custom("LORA_NETWORK")
 LoraTrained = io.Custom("LORA_TRAINED")
 LoraStages = io.Custom("LORA_STAGES")
 LoraSpeed = io.Custom("LORA_SPEED")  # a run.speed.SpeedConfig
+LoraFlow = io.Custom("LORA_FLOW")  # carries an objective.flow.FlowConfig
 
 CATEGORY = "LoRA Training"
 

@@ -116,12 +116,15 @@ class BucketConfig:
 
 
 def check_steps_for_family(cfg: BucketConfig, family: str) -> None:
-    """Raise ConfigError unless bucket_reso_steps suits the model family (kohya: 64 SD1.5, 32 SDXL)."""
-    needed = get_family(family, "model family").bucket_reso_step
+    """Raise ConfigError unless bucket_reso_steps suits the model family (kohya: 64 SD1.5, 32 SDXL;
+    16 for Flux.1 / Chroma: the AE's 8 px × the DiT's 2×2 patches)."""
+    spec = get_family(family, "model family")
+    needed = spec.bucket_reso_step
     if cfg.bucket_reso_steps % needed:
+        how = "split the latents into 2×2 patches" if spec.is_flow else "halve the latents evenly"
         raise ConfigError(
             f"buckets.bucket_reso_steps: {cfg.bucket_reso_steps} is not a multiple of {needed}, "
-            f"which {family} needs so its UNet can halve the latents evenly; use {needed} or a multiple"
+            f"which {spec.title} ({family}) needs so its model can {how}; use {needed} or a multiple"
         )
 
 

@@ -55,13 +55,34 @@ class TextConditioning:
 
     @staticmethod
     def cat(parts: Sequence[TextConditioning]) -> TextConditioning:
-        fields = zip(*((p.hidden, p.pooled, p.attention_mask) for p in parts), strict=True)
-        return TextConditioning(*(None if f[0] is None else torch.cat(f) for f in fields))
+        """Rows of several batches in one. Hidden states of different lengths (an unpadded T5, as
+        ComfyUI's Chroma encoder gives one per caption) are zero-padded at the end to the longest,
+        and the padding is masked out: a part without a mask attends to all of its own tokens."""
+        length = max(p.hidden.shape[1] for p in parts)
+        masked = any(p.attention_mask is not None or p.hidden.shape[1] != length for p in parts)
+        hidden = torch.cat([_pad_tokens(p.hidden, length, 0.0) for p in parts])
+        pooled = None if parts[0].pooled is None else torch.cat([p.pooled for p in parts])
+        mask = torch.cat([_pad_tokens(_mask_of(p), length, False) for p in parts]) if masked else None
+        return TextConditioning(hidden, pooled, mask)
 
     def _map(self, fn) -> TextConditioning:
         """`fn` applied to each tensor field (the optional ones where present)."""
         fields = (self.hidden, self.pooled, self.attention_mask)
         return TextConditioning(*(None if t is None else fn(t) for t in fields))
+
+
+def _mask_of(text: TextConditioning) -> torch.Tensor:
+    if text.attention_mask is not None:
+        return text.attention_mask
+    return torch.ones(text.hidden.shape[:2], dtype=torch.bool, device=text.hidden.device)
+
+
+def _pad_tokens(tensor: torch.Tensor, length: int, value) -> torch.Tensor:
+    """(B, L, ...) → (B, length, ...), filled with `value` at the end."""
+    if tensor.shape[1] == length:
+        return tensor
+    pad = tensor.new_full((tensor.shape[0], length - tensor.shape[1], *tensor.shape[2:]), value)
+    return torch.cat([tensor, pad], dim=1)
 
 
 @dataclass(frozen=True)
