@@ -45,6 +45,7 @@ PACK_NODES = frozenset(
         "ConfigureOptimizer",
         "ConfigureNetwork",
         "ConfigureSpeed",
+        "ConfigureFlow",
         "TrainLoRA",
         "EMAExport",
         "LossPlot",

@@ -15,9 +15,14 @@ from pathlib import Path
 import pytest
 
 WORKFLOWS = sorted((Path(__file__).resolve().parents[2] / "workflows").glob("*.json"))
+SD15_WORKFLOW = Path(__file__).resolve().parents[2] / "workflows" / "sd15_train_then_sample.json"
 # combos whose options are the files of one installation (checkpoints, input folders, states)
 FILE_COMBOS = {
     ("CheckpointLoaderSimple", "ckpt_name"),
+    ("UNETLoader", "unet_name"),
+    ("DualCLIPLoader", "clip_name1"),
+    ("DualCLIPLoader", "clip_name2"),
+    ("VAELoader", "vae_name"),
     ("LoRATrainer_LoadDataset", "folder"),
     ("LoRATrainer_LoadDataset", "regularization_folder"),
     ("LoRATrainer_TrainLoRA", "resume_from"),
@@ -99,7 +104,7 @@ def test_every_node_input_and_widget_of_a_shipped_workflow_is_in_the_schemas(com
 
 
 def test_a_renamed_input_and_a_missing_widget_are_caught(comfy):
-    workflow = json.loads(WORKFLOWS[0].read_text(encoding="utf-8"))
+    workflow = json.loads(SD15_WORKFLOW.read_text(encoding="utf-8"))
     by_type = {node["type"]: node for node in workflow["nodes"]}
     by_type["LoRATrainer_Bucketize"]["inputs"][0]["name"] = "data_set"
     by_type["LoRATrainer_ConfigureNoise"]["widgets_values"].pop()
@@ -116,7 +121,15 @@ CONFIG_NODES = (
     "LoRATrainer_ConfigureNoise",
     "LoRATrainer_ConfigureOptimizer",
     "LoRATrainer_ConfigureNetwork",
+    "LoRATrainer_ConfigureFlow",
+    "LoRATrainer_ConfigureSpeed",
 )
+# what each shipped workflow configures: SD's noise options, Flux's flow options
+WORKFLOW_CONFIG_NODES = {
+    "sd15_train_then_sample": CONFIG_NODES[:3],
+    "sdxl_train_then_sample": CONFIG_NODES[:3],
+    "flux_train_then_sample": (*CONFIG_NODES[1:3], "LoRATrainer_ConfigureFlow"),
+}
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=[p.stem for p in WORKFLOWS])
@@ -125,6 +138,6 @@ def test_the_config_nodes_of_a_shipped_workflow_build_their_configs(comfy, path)
 
     prompt = comfy.ui_workflow_to_api_prompt(json.loads(path.read_text(encoding="utf-8")))
     built = [node for node in prompt.values() if node["class_type"] in CONFIG_NODES]
-    assert {node["class_type"] for node in built} == set(CONFIG_NODES)
+    assert {node["class_type"] for node in built} == set(WORKFLOW_CONFIG_NODES[path.stem])
     for node in built:  # every saved widget reaches a config field, and the values pass its checks
         nodes.NODE_CLASS_MAPPINGS[node["class_type"]].execute(**node["inputs"])
