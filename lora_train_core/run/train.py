@@ -351,9 +351,9 @@ def build_network(backend: Backend, recipe: TrainingRecipe) -> LoRANetwork:
     """The LoRA over the backend's kohya targets, minus blocks of LR weight 0 (kohya never makes them)."""
     net = recipe.network
     targets = backend.lora_targets(net.trains_conv, net.train_unet, net.train_text_encoder)
-    if (
-        recipe.blocks is not None and recipe.blocks.is_set
-    ):  # unset (Configure Optimizer's default): no blocks asked, as for a DiT with no kohya block numbering
+    # an unset BlockWeights (Configure Optimizer's default) asks for nothing block-wise; a DiT has no
+    # kohya block numbering to look names up in
+    if recipe.blocks is not None and recipe.blocks.is_set:
         dropped = set(excluded_modules([t.name for t in targets], backend.family, recipe.blocks))
         targets = [t for t in targets if t.name not in dropped]
     dims, alphas = per_module_dims(
