@@ -8,7 +8,7 @@ import dataclasses
 import pytest
 import torch
 from safetensors.torch import load_file
-from training_inputs import node_graph_values, tiny_sd15_model
+from training_inputs import node_graph_values, text_encoder_network, tiny_sd15_model
 
 
 def test_configure_speed_gives_each_widget_to_the_speed_field_of_its_name(comfy):
@@ -40,16 +40,7 @@ def graph(comfy, sd15_checkpoint, tiny_dataset):
 def _train(nodes, model, clip, latents, name, speed=None, steps=3):
     with torch.inference_mode():
         args = (model, clip, latents, steps, 2, 1, False, 1, name, True, "fp32")
-        network = nodes.ConfigureNetwork.execute(
-            network_dim=4,
-            network_alpha=4.0,
-            conv_dim=0,
-            conv_alpha=1.0,
-            network_dropout=0.0,
-            rank_dropout=0.0,
-            module_dropout=0.0,
-            train_text_encoder=False,
-        ).result[0]
+        network = text_encoder_network(nodes, train_text_encoder=False)
         return nodes.TrainLoRA.execute(*args, network=network, speed=speed).result
 
 

@@ -41,8 +41,9 @@ def node_graph_values(comfy, model, vae, dataset: Path):
     return nodes, latents
 
 
-def text_encoder_network(nodes):
-    """Configure Network's value for a rank-4 LoRA that trains the text encoder too."""
+def text_encoder_network(nodes, train_text_encoder: bool = True):
+    """Configure Network's value for a rank-4 LoRA that trains the text encoder too (or, with
+    train_text_encoder False, the UNet only)."""
     return nodes.ConfigureNetwork.execute(
         network_dim=4,
         network_alpha=4.0,
@@ -51,7 +52,7 @@ def text_encoder_network(nodes):
         network_dropout=0.0,
         rank_dropout=0.0,
         module_dropout=0.0,
-        train_text_encoder=True,
+        train_text_encoder=train_text_encoder,
     ).result[0]
 
 
